@@ -1,0 +1,41 @@
+# voicerelay: `make run` starts the local stack, `make test` installs everything and tests.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+
+.PHONY: install install-system run test test-fast bench lint clean
+
+$(VENV)/.runtime: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime pyproject.toml
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+install-system:            ## Debian packages the tests drive: redis-server, chromium
+	bash scripts/install-system-deps.sh
+
+install: install-system $(VENV)/.test   ## everything: system packages, venv, test deps
+
+run: $(VENV)/.runtime      ## the whole local stack on embedded defaults
+	$(VENV)/bin/relayctl up
+
+test: install              ## install everything, then the default suite
+	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.test   ## unit tests only (no processes, no browser)
+	$(PY) -m pytest -q tests/wire tests/shm tests/transceiver -m 'not browser'
+
+bench: install             ## benchmarks: print tables, write bench/results/*.json
+	$(PY) bench/run_all.py
+
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check voicerelay tests bench
+	$(VENV)/bin/ruff format --check voicerelay tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis bench/build bench/results

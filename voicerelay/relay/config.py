@@ -1,0 +1,120 @@
+"""Relay configuration: one dataclass, filled from CLI options and VOICERELAY_* variables."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_PUBLIC_PORT = 3478
+DEFAULT_INTERNAL_PORT_BASE = 4000
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the fix in one line."""
+
+
+def default_state_dir() -> Path:
+    """Where the embedded defaults live: secret, snapshot file, pid file, control socket."""
+    env = os.environ.get("VOICERELAY_STATE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "voicerelay"
+
+
+@dataclass
+class RelayConfig:
+    """Everything a launcher and its workers need to know."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = DEFAULT_PUBLIC_PORT
+    internal_host: str = "127.0.0.1"
+    internal_port_base: int = DEFAULT_INTERNAL_PORT_BASE
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    capacity: int = 65536  # flows per worker shard
+    idle_timeout: float = 30.0
+    state_dir: Path = field(default_factory=default_state_dir)
+    secret_file: Path | None = None  # default: <state_dir>/secret.key
+    redis_url: str | None = None
+    snapshot_interval: float = 1.0
+    cluster_id: int = 0
+    pin_cpus: bool = True
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir).expanduser()
+        if self.secret_file is not None:
+            self.secret_file = Path(self.secret_file).expanduser()
+        self.validate()
+
+    # Derived names ----------------------------------------------------------------------
+    @property
+    def secret_path(self) -> Path:
+        return self.secret_file or self.state_dir / "secret.key"
+
+    @property
+    def shm_name(self) -> str:
+        """Flow-table segment name; one relay per public port on a host."""
+        return f"voicerelay-{self.listen_port}-flows"
+
+    @property
+    def counters_name(self) -> str:
+        return f"voicerelay-{self.listen_port}-stats"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.state_dir / f"relay-{self.listen_port}.sock"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / f"relay-{self.listen_port}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / f"relay-{self.listen_port}.log"
+
+    @property
+    def snapshot_file(self) -> Path:
+        return self.state_dir / f"relay-{self.listen_port}.snapshot"
+
+    def internal_addr(self, index: int) -> tuple[str, int]:
+        """The internal (towards transceivers) address of worker `index`; stable across restarts."""
+        return (self.internal_host, self.internal_port_base + index)
+
+    # Validation -------------------------------------------------------------------------
+    def validate(self) -> None:
+        for name in ("listen_host", "internal_host"):
+            value = getattr(self, name)
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ConfigError(
+                    f"{name.replace('_', '-')} {value!r} is not an IP address: give a literal "
+                    "address such as 127.0.0.1 or ::1"
+                ) from None
+        if not 1 <= self.listen_port <= 65535:
+            raise ConfigError(f"port {self.listen_port} is out of range: use 1-65535")
+        if not 1 <= self.internal_port_base <= 65535 - max(self.workers, 1) + 1:
+            raise ConfigError(
+                f"internal port base {self.internal_port_base} leaves no room for "
+                f"{self.workers} workers: use a value below {65536 - self.workers}"
+            )
+        if not 1 <= self.workers <= 256:
+            raise ConfigError(f"workers {self.workers} is out of range: use 1-256")
+        if not 16 <= self.capacity <= 1 << 24:
+            raise ConfigError(f"capacity {self.capacity} is out of range: use 16-16777216")
+        if not 0.05 <= self.idle_timeout <= 86400:
+            raise ConfigError(f"idle timeout {self.idle_timeout} is out of range: use 0.05-86400 s")
+        if not 0.05 <= self.snapshot_interval <= 3600:
+            raise ConfigError(
+                f"snapshot interval {self.snapshot_interval} is out of range: use 0.05-3600 s"
+            )
+        if not 0 <= self.cluster_id <= 65535:
+            raise ConfigError(f"cluster id {self.cluster_id} is out of range: use 0-65535")
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ConfigError(
+                f"redis url {self.redis_url!r} is not a Redis URL: use redis://host:port/db"
+            )

@@ -6,16 +6,14 @@ IPv4 client addresses travel IPv4-mapped. One `unpack_from` reads the header.
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 
-Addr = tuple[str, int]
+from voicerelay.wire.addr import Addr, pack_ip, unpack_ip
 
 MAGIC = b"VR"
 VERSION = 1
 HEADER = struct.Struct("!2sBBH16s")
 HEADER_SIZE = HEADER.size  # 22
-_V4_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
 
 class EnvelopeError(ValueError):
@@ -28,11 +26,8 @@ class EnvelopeError(ValueError):
 
 def pack_header(client: Addr) -> bytes:
     """The 22-byte header for a client address (the relay caches it per flow)."""
-    host, port = client
-    ip = ipaddress.ip_address(host)
-    if ip.version == 4:
-        return HEADER.pack(MAGIC, VERSION, 4, port, _V4_PREFIX + ip.packed)
-    return HEADER.pack(MAGIC, VERSION, 6, port, ip.packed)
+    family, ip16 = pack_ip(client[0])
+    return HEADER.pack(MAGIC, VERSION, family, client[1], ip16)
 
 
 def pack(client: Addr, payload: bytes) -> bytes:
@@ -42,13 +37,10 @@ def pack(client: Addr, payload: bytes) -> bytes:
 
 def address_from_fields(family: int, port: int, ip16: bytes) -> Addr:
     """The `Addr` for a header's family/port/IP fields; raises `EnvelopeError`."""
-    if family == 4:
-        if ip16[:12] != _V4_PREFIX:
-            raise EnvelopeError("family")
-        return (str(ipaddress.IPv4Address(ip16[12:])), port)
-    if family == 6:
-        return (str(ipaddress.IPv6Address(ip16)), port)
-    raise EnvelopeError("family")
+    try:
+        return (unpack_ip(family, ip16), port)
+    except ValueError:
+        raise EnvelopeError("family") from None
 
 
 def unpack_header(data: bytes) -> Addr:

@@ -40,7 +40,9 @@ class CounterArray:
         row_size = 8 * (len(fields) + 1)
         shm = segment.create_segment(name, _HEADER_SIZE + rows * row_size, MAGIC, LAYOUT_VERSION)
         _META.pack_into(shm.buf, segment.OWNER_SIZE, rows, len(fields))
-        shm.buf[segment.OWNER_SIZE + _META.size : segment.OWNER_SIZE + _META.size + len(names)] = names
+        shm.buf[segment.OWNER_SIZE + _META.size : segment.OWNER_SIZE + _META.size + len(names)] = (
+            names
+        )
         return cls(shm, owner=True)
 
     @classmethod

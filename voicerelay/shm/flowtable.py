@@ -168,9 +168,9 @@ class FlowTable:
         total = 0
         for s in shards:
             base = self.slot_offset(s, 0)
-            total += bytes(buf[base + _STATE_AT : base + self.capacity * SLOT_SIZE : SLOT_SIZE]).count(
-                USED
-            )
+            total += bytes(
+                buf[base + _STATE_AT : base + self.capacity * SLOT_SIZE : SLOT_SIZE]
+            ).count(USED)
         return total
 
     def close(self) -> None:
@@ -200,16 +200,36 @@ class ShardWriter:
     def __len__(self) -> int:
         return len(self._index)
 
-    def _write(self, slot: int, state: int, client: Addr, transceiver: Addr, last: float,
-               pin: int, pout: int) -> None:
+    def _write(
+        self,
+        slot: int,
+        state: int,
+        client: Addr,
+        transceiver: Addr,
+        last: float,
+        pin: int,
+        pout: int,
+    ) -> None:
         buf = self.table.buf
         off = self._base + slot * SLOT_SIZE
         (seq,) = _SEQ.unpack_from(buf, off)
         _SEQ.pack_into(buf, off, (seq + 1) & 0xFFFFFFFF)
         cfam, cip = pack_ip(client[0])
         tfam, tip = pack_ip(transceiver[0])
-        _BODY.pack_into(buf, off + 4, state, cfam, client[1], cip, tfam, transceiver[1], tip,
-                        last, pin & 0xFFFFFFFF, pout & 0xFFFFFFFF)
+        _BODY.pack_into(
+            buf,
+            off + 4,
+            state,
+            cfam,
+            client[1],
+            cip,
+            tfam,
+            transceiver[1],
+            tip,
+            last,
+            pin & 0xFFFFFFFF,
+            pout & 0xFFFFFFFF,
+        )
         _SEQ.pack_into(buf, off, (seq + 2) & 0xFFFFFFFF)
 
     def _set_state(self, slot: int, state: int) -> None:
@@ -220,8 +240,9 @@ class ShardWriter:
         buf[off + _STATE_AT] = state
         _SEQ.pack_into(buf, off, (seq + 2) & 0xFFFFFFFF)
 
-    def put(self, client: Addr, transceiver: Addr, now: float, packets_in: int = 0,
-            packets_out: int = 0) -> int:
+    def put(
+        self, client: Addr, transceiver: Addr, now: float, packets_in: int = 0, packets_out: int = 0
+    ) -> int:
         """Insert or rebind a flow; returns its slot. Raises `TableFull`."""
         key = client_key(client)
         slot = self._index.get(key)
@@ -247,8 +268,9 @@ class ShardWriter:
         off = self._base + slot * SLOT_SIZE
         (seq,) = _SEQ.unpack_from(buf, off)
         _SEQ.pack_into(buf, off, (seq + 1) & 0xFFFFFFFF)
-        _COUNTERS.pack_into(buf, off + _COUNTERS_AT, last_seen, packets_in & 0xFFFFFFFF,
-                            packets_out & 0xFFFFFFFF)
+        _COUNTERS.pack_into(
+            buf, off + _COUNTERS_AT, last_seen, packets_in & 0xFFFFFFFF, packets_out & 0xFFFFFFFF
+        )
         _SEQ.pack_into(buf, off, (seq + 2) & 0xFFFFFFFF)
 
     def get(self, client: Addr) -> tuple[int, FlowRecord] | None:

@@ -6,12 +6,11 @@ killed leaves its segment behind: `clear_stale` finds it by the dead owner pid a
 
 from __future__ import annotations
 
+import _posixshmem
 import contextlib
 import os
 import struct
 from multiprocessing import resource_tracker, shared_memory
-
-import _posixshmem
 
 import psutil
 
@@ -41,7 +40,9 @@ def attach_segment(name: str, magic: bytes, version: int) -> shared_memory.Share
     found_magic, found_version, _ = OWNER.unpack_from(shm.buf, 0)
     if found_magic != magic or found_version != version:
         shm.close()
-        raise ValueError(f"shared memory {name!r} has another layout ({found_magic!r} v{found_version})")
+        raise ValueError(
+            f"shared memory {name!r} has another layout ({found_magic!r} v{found_version})"
+        )
     return shm
 
 

@@ -124,7 +124,9 @@ def parse(data: bytes) -> StunMessage:
 
 
 def _attr(kind: int, value: bytes) -> bytes:
-    return _ATTR_HEADER.pack(kind, len(value)) + value + b"\x00" * (_padded(len(value)) - len(value))
+    return (
+        _ATTR_HEADER.pack(kind, len(value)) + value + b"\x00" * (_padded(len(value)) - len(value))
+    )
 
 
 def build(

@@ -122,7 +122,8 @@ def load_keys(path: str | os.PathLike[str]) -> TokenKeys:
         text = p.read_text()
     except FileNotFoundError:
         raise TokenError(
-            "secret", f"secret file {p} does not exist: create it with `relayctl start` or --secret-file"
+            "secret",
+            f"secret file {p} does not exist: create it with `relayctl start` or --secret-file",
         ) from None
     except OSError as exc:
         raise TokenError("secret", f"cannot read secret file {p}: {exc.strerror}") from None

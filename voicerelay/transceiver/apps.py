@@ -1,0 +1,64 @@
+"""The voice-app seam: what a session does with the audio it receives.
+
+A `VoiceApp` gets each decrypted RTP packet and returns the RTP packets to send back; the
+session encrypts and sends them. `EchoApp` needs no codec: it returns the client's Opus payload
+under the server's own SSRC and sequence numbers.
+
+PCM apps fit behind the same seam: an adapter app decodes the Opus payload (e.g. PyAV's Opus
+decoder) to 20 ms PCM frames, hands them to the app's `on_pcm(frame, now)`, encodes what the
+app returns and packetizes it with an `RtpSender` like the one below. A bridge to an external
+inference service is such a PCM app whose `on_pcm` forwards frames over its own connection and
+queues the replies; it reads them back from `on_tick(now)`, driven by the session's timer.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+from voicerelay.transceiver.rtp import RtpError, RtpPacket, parse_rtp
+
+
+class VoiceApp(Protocol):
+    """What a session hands its incoming audio to."""
+
+    def on_rtp(self, packet: bytes, now: float) -> list[bytes]:
+        """Plain RTP in; plain RTP packets to send back out."""
+        ...
+
+
+class RtpSender:
+    """Stamps outgoing packets with our SSRC and our own sequence/timestamp numbering."""
+
+    def __init__(self, ssrc: int) -> None:
+        self.ssrc = ssrc
+        self.sequence = int.from_bytes(os.urandom(2), "big")
+        self.timestamp_offset = int.from_bytes(os.urandom(4), "big")
+        self.packets = 0
+        self.octets = 0
+        self.last_timestamp = 0
+
+    def stamp(
+        self, payload_type: int, timestamp: int, payload: bytes, marker: bool = False
+    ) -> bytes:
+        self.sequence = (self.sequence + 1) & 0xFFFF
+        self.last_timestamp = (timestamp + self.timestamp_offset) & 0xFFFFFFFF
+        self.packets += 1
+        self.octets += len(payload)
+        return RtpPacket(
+            payload_type, self.sequence, self.last_timestamp, self.ssrc, payload, marker
+        ).serialize()
+
+
+class EchoApp:
+    """Sends every received Opus packet straight back: no decode, the server's own SSRC."""
+
+    def __init__(self, ssrc: int) -> None:
+        self.sender = RtpSender(ssrc)
+
+    def on_rtp(self, packet: bytes, now: float) -> list[bytes]:
+        try:
+            rtp = parse_rtp(packet)
+        except RtpError:
+            return []
+        return [self.sender.stamp(rtp.payload_type, rtp.timestamp, rtp.payload, rtp.marker)]

@@ -1,0 +1,258 @@
+"""DTLS 1.2 with use_srtp over pyOpenSSL memory BIOs, as a sans-IO endpoint.
+
+Feed datagrams with `receive`, collect datagrams with `datagrams_to_send` (whole records
+packed up to the MTU), drive retransmission with `next_timer`/`handle_timer`. Once the
+handshake is done and the peer's certificate matches the SDP fingerprint, `srtp_keys` holds
+the RFC 5764 keying material for the negotiated profile.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from OpenSSL import SSL
+
+from voicerelay.transceiver.certificate import Certificate, fingerprint_of, normalize_fingerprint
+
+SRTP_PROFILES = {
+    # OpenSSL name: (our name, key length, salt length)
+    b"SRTP_AEAD_AES_128_GCM": ("AEAD_AES_128_GCM", 16, 12),
+    b"SRTP_AES128_CM_SHA1_80": ("AES_CM_128_HMAC_SHA1_80", 16, 14),
+}
+DEFAULT_PROFILES = b"SRTP_AEAD_AES_128_GCM:SRTP_AES128_CM_SHA1_80"
+_RECORD_HEADER = struct.Struct("!BHHIH")  # type, version, epoch, seq (48 bits split), length
+RECORD_HEADER_SIZE = 13
+ALERT = 21
+
+
+class DtlsError(Exception):
+    """The handshake failed or the peer is not who the SDP said."""
+
+
+@dataclass
+class SrtpKeys:
+    """Keying material from the handshake, already split by direction."""
+
+    profile: str
+    local: bytes  # key + salt we protect with
+    remote: bytes  # key + salt we unprotect with
+
+
+def split_records(data: bytes) -> list[bytes]:
+    """Split concatenated DTLS records; a truncated tail is returned as its own chunk."""
+    records = []
+    offset = 0
+    while offset < len(data):
+        if offset + RECORD_HEADER_SIZE > len(data):
+            records.append(data[offset:])
+            break
+        (length,) = struct.unpack_from("!H", data, offset + 11)
+        end = offset + RECORD_HEADER_SIZE + length
+        records.append(data[offset:end])
+        offset = end
+    return records
+
+
+def pack_records(records: list[bytes], mtu: int) -> list[bytes]:
+    """Group whole records into datagrams of at most `mtu` bytes (a bigger record goes alone)."""
+    datagrams: list[bytes] = []
+    current = b""
+    for record in records:
+        if current and len(current) + len(record) > mtu:
+            datagrams.append(current)
+            current = b""
+        current += record
+    if current:
+        datagrams.append(current)
+    return datagrams
+
+
+def _make_context(certificate: Certificate, profiles: bytes) -> SSL.Context:
+    ctx = SSL.Context(SSL.DTLS_METHOD)
+    ctx.use_certificate(certificate.openssl_cert)
+    ctx.use_privatekey(certificate.openssl_key)
+    # WebRTC peers use self-signed certificates: accept any here, check the SDP fingerprint after.
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda *args: True)
+    ctx.set_cipher_list(
+        b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+        b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+        b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+    )
+    ctx.set_tlsext_use_srtp(profiles)
+    ctx.set_options(SSL.OP_NO_QUERY_MTU)
+    return ctx
+
+
+class DtlsEndpoint:
+    """One DTLS association. Role "client" sends the ClientHello when `start` is called."""
+
+    def __init__(
+        self,
+        role: str,
+        certificate: Certificate,
+        remote_fingerprint: str,
+        *,
+        mtu: int = 1200,
+        profiles: bytes = DEFAULT_PROFILES,
+    ) -> None:
+        if role not in ("client", "server"):
+            raise ValueError(f"DTLS role must be client or server, not {role!r}")
+        self.role = role
+        self.mtu = mtu
+        self.remote_fingerprint = normalize_fingerprint(remote_fingerprint)
+        self.conn = SSL.Connection(_make_context(certificate, profiles), None)
+        self.conn.set_ciphertext_mtu(mtu)
+        if role == "client":
+            self.conn.set_connect_state()
+        else:
+            self.conn.set_accept_state()
+        self.state = "new"  # new -> handshaking -> connected | failed | closed
+        self.srtp_keys: SrtpKeys | None = None
+        self.error: str | None = None
+        self.records_in_error = 0
+        self._outbox: list[bytes] = []
+        self._timer: float | None = None
+        self._now = 0.0
+
+    # Inputs -----------------------------------------------------------------------------------
+    def start(self, now: float) -> None:
+        """Begin the handshake (the client's first flight; a no-op for a server)."""
+        if self.state == "new":
+            self.state = "handshaking"
+            self._now = now
+            self._step()
+
+    def receive(self, data: bytes, now: float) -> list[bytes]:
+        """Feed one datagram; returns application data (unused by WebRTC media)."""
+        if self.state in ("failed", "closed"):
+            return []
+        if self.state == "new":
+            self.state = "handshaking"
+        self._now = now
+        try:
+            self.conn.bio_write(data)
+        except SSL.Error:
+            self.records_in_error += 1
+            return []
+        return self._step()
+
+    def handle_timer(self, now: float) -> None:
+        if self._timer is None or now < self._timer or self.state != "handshaking":
+            return
+        self._now = now
+        try:
+            self.conn.DTLSv1_handle_timeout()
+        except SSL.Error as exc:
+            self._fail(f"retransmission failed: {exc}")
+        self._flush()
+        self._rearm()
+
+    def close(self) -> None:
+        """Send close_notify (if connected) and stop."""
+        if self.state == "connected":
+            try:
+                self.conn.shutdown()
+            except SSL.Error:
+                pass
+            self._flush()
+        self.state = "closed"
+        self._timer = None
+
+    # Outputs ----------------------------------------------------------------------------------
+    def datagrams_to_send(self) -> list[bytes]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def next_timer(self) -> float | None:
+        return self._timer
+
+    # Internals --------------------------------------------------------------------------------
+    def _step(self) -> list[bytes]:
+        received: list[bytes] = []
+        if self.state == "handshaking":
+            try:
+                self.conn.do_handshake()
+            except SSL.WantReadError:
+                pass
+            except SSL.Error as exc:
+                self._fail(f"handshake failed: {exc}")
+            else:
+                self._connected()
+        if self.state == "connected":
+            while True:
+                try:
+                    chunk = self.conn.recv(1500)
+                except SSL.WantReadError:
+                    break
+                except SSL.ZeroReturnError:
+                    self.state = "closed"
+                    self.error = "peer sent close_notify"
+                    break
+                except SSL.Error:
+                    self.records_in_error += 1
+                    break
+                if not chunk:
+                    break
+                received.append(chunk)
+        self._flush()
+        self._rearm()
+        return received
+
+    def _connected(self) -> None:
+        cert = self.conn.get_peer_certificate()
+        if cert is None:
+            self._fail("peer sent no certificate")
+            return
+        if fingerprint_of(cert.to_cryptography()) != self.remote_fingerprint:
+            try:  # tell the impostor we are done with it
+                self.conn.shutdown()
+            except SSL.Error:
+                pass
+            self._fail("fingerprint-mismatch")
+            return
+        name = self.conn.get_selected_srtp_profile()
+        if name not in SRTP_PROFILES:
+            self._fail(f"no common SRTP profile ({name!r})")
+            return
+        profile, key_len, salt_len = SRTP_PROFILES[name]
+        material = self.conn.export_keying_material(
+            b"EXTRACTOR-dtls_srtp", 2 * (key_len + salt_len)
+        )
+        client_key = material[:key_len]
+        server_key = material[key_len : 2 * key_len]
+        client_salt = material[2 * key_len : 2 * key_len + salt_len]
+        server_salt = material[2 * key_len + salt_len :]
+        client, server = client_key + client_salt, server_key + server_salt
+        local, remote = (client, server) if self.role == "client" else (server, client)
+        self.srtp_keys = SrtpKeys(profile, local, remote)
+        self.state = "connected"
+        self._timer = None
+
+    def _fail(self, reason: str) -> None:
+        self.error = reason
+        self.state = "failed"
+        self._timer = None
+        self._flush()  # an alert may be pending
+
+    def _flush(self) -> None:
+        pending = b""
+        while True:
+            try:
+                chunk = self.conn.bio_read(65536)
+            except SSL.WantReadError:
+                break
+            except SSL.Error:
+                break
+            if not chunk:
+                break
+            pending += chunk
+        if pending:
+            self._outbox.extend(pack_records(split_records(pending), self.mtu))
+
+    def _rearm(self) -> None:
+        if self.state != "handshaking":
+            self._timer = None
+            return
+        timeout = self.conn.DTLSv1_get_timeout()
+        self._timer = None if timeout is None else self._now + timeout

@@ -1,5 +1,174 @@
-"""relayctl commands (filled in by its owner)."""
+"""`relayctl transceiver` (run one) and `relayctl call URL` (test a stack with a real client)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Any
 
 import click
 
-commands: list[click.Command] = []
+from voicerelay.cli.relay_cmds import parse_hostport
+from voicerelay.relay.config import DEFAULT_PUBLIC_PORT, default_state_dir
+from voicerelay.transceiver.config import TransceiverConfig
+
+
+def transceiver_config(
+    internal: str,
+    http: str,
+    relay_public: str,
+    state_dir: Path | None,
+    secret_file: Path | None,
+    cluster_id: int,
+    consent_timeout: float,
+    max_sessions: int,
+) -> TransceiverConfig:
+    return TransceiverConfig(
+        internal=parse_hostport(internal, "--internal"),
+        http=parse_hostport(http, "--http"),
+        relay_public=parse_hostport(relay_public, "--relay-public", DEFAULT_PUBLIC_PORT),
+        state_dir=state_dir or default_state_dir(),
+        secret_file=secret_file,
+        cluster_id=cluster_id,
+        consent_timeout=consent_timeout,
+        max_sessions=max_sessions,
+    )
+
+
+def transceiver_options(func):
+    options = [
+        click.option(
+            "--internal",
+            envvar="VOICERELAY_TRANSCEIVER_INTERNAL",
+            default="127.0.0.1:5000",
+            show_default=True,
+            help="UDP HOST:PORT the relay sends envelopes to.",
+        ),
+        click.option(
+            "--http",
+            envvar="VOICERELAY_HTTP",
+            default="127.0.0.1:8080",
+            show_default=True,
+            help="Signaling and demo page HOST:PORT.",
+        ),
+        click.option(
+            "--relay-public",
+            envvar="VOICERELAY_RELAY_PUBLIC",
+            default=f"127.0.0.1:{DEFAULT_PUBLIC_PORT}",
+            show_default=True,
+            help="The relay's public HOST:PORT, the only candidate in answers.",
+        ),
+        click.option(
+            "--state-dir",
+            envvar="VOICERELAY_STATE_DIR",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Where secret.key lives [default: ~/.local/state/voicerelay].",
+        ),
+        click.option(
+            "--secret-file",
+            envvar="VOICERELAY_SECRET_FILE",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Routing-token keys shared with the relay.",
+        ),
+        click.option(
+            "--cluster-id", envvar="VOICERELAY_CLUSTER_ID", type=int, default=0, show_default=True
+        ),
+        click.option(
+            "--consent-timeout",
+            envvar="VOICERELAY_CONSENT_TIMEOUT",
+            type=float,
+            default=30.0,
+            show_default=True,
+            help="Seconds without a consent check before a call ends.",
+        ),
+        click.option(
+            "--max-sessions",
+            envvar="VOICERELAY_MAX_SESSIONS",
+            type=int,
+            default=2000,
+            show_default=True,
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.command()
+@transceiver_options
+def transceiver(**options: Any) -> None:
+    """Run a transceiver: every session on one UDP endpoint, WHIP signaling over HTTP."""
+    import uvloop
+
+    from voicerelay.transceiver.signaling import Transceiver
+    from voicerelay.wire.token import TokenError
+
+    config = transceiver_config(**options)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    async def main() -> None:
+        try:
+            node = Transceiver(config)
+        except TokenError as exc:
+            raise click.ClickException(str(exc).removeprefix("secret: ")) from None
+        try:
+            await node.start()
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot bind: {exc.strerror}: choose other ports with --internal / --http"
+            ) from None
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        click.echo(
+            f"transceiver ready: signaling http://{node.http_addr[0]}:{node.http_addr[1]}/",
+            err=True,
+        )
+        try:
+            await stop.wait()
+        finally:
+            await node.stop()
+
+    uvloop.run(main())
+
+
+@click.command()
+@click.argument("url", default="http://127.0.0.1:8080")
+@click.option("--tone", type=float, default=440.0, show_default=True, help="Tone frequency (Hz).")
+@click.option("--seconds", type=float, default=2.0, show_default=True, help="How long to talk.")
+@click.option(
+    "--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for audio."
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+def call(url: str, tone: float, seconds: float, timeout: float, as_json: bool) -> None:
+    """Place one call with a real WebRTC client and check the tone comes back."""
+    import dataclasses
+    import json
+
+    from voicerelay.cli.call_client import place_call
+
+    if not 20 <= tone <= 20000:
+        raise click.BadParameter("use 20-20000 Hz", param_hint="--tone")
+    report = asyncio.run(place_call(url, tone, seconds, timeout))
+    if as_json:
+        click.echo(
+            json.dumps({**dataclasses.asdict(report), "tone_came_back": report.tone_came_back})
+        )
+    elif report.error:
+        click.echo(f"call failed: {report.error}")
+    else:
+        verdict = "came back" if report.tone_came_back else "did NOT come back"
+        click.echo(
+            f"tone {tone:.0f} Hz {verdict} (heard {report.received_hz:.0f} Hz); "
+            f"setup {report.setup_ms:.0f} ms (offer posted -> first echoed audio)"
+        )
+    if not report.tone_came_back:
+        raise SystemExit(1)
+
+
+commands: list[click.Command] = [transceiver, call]

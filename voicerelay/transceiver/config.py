@@ -1,0 +1,51 @@
+"""Transceiver configuration, validated into one-line errors."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from voicerelay.relay.config import DEFAULT_PUBLIC_PORT, ConfigError, default_state_dir
+
+Addr = tuple[str, int]
+
+
+@dataclass
+class TransceiverConfig:
+    internal: Addr = ("127.0.0.1", 5000)  # UDP endpoint the relay workers talk envelopes to
+    http: Addr = ("127.0.0.1", 8080)  # signaling and the demo page
+    relay_public: Addr = ("127.0.0.1", DEFAULT_PUBLIC_PORT)  # the only candidate in answers
+    state_dir: Path = field(default_factory=default_state_dir)
+    secret_file: Path | None = None
+    cluster_id: int = 0
+    consent_timeout: float = 30.0
+    max_sessions: int = 2000
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir).expanduser()
+        if self.secret_file is not None:
+            self.secret_file = Path(self.secret_file).expanduser()
+        for name in ("internal", "http", "relay_public"):
+            host, port = getattr(self, name)
+            option = "--" + name.replace("_", "-")
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ConfigError(
+                    f"{option} host {host!r} is not an IP address: use e.g. 127.0.0.1"
+                ) from None
+            if not 0 <= port <= 65535 or (name == "relay_public" and port == 0):
+                raise ConfigError(f"{option} port {port} is out of range: use 1-65535")
+        if not 0.5 <= self.consent_timeout <= 3600:
+            raise ConfigError(
+                f"consent timeout {self.consent_timeout} is out of range: use 0.5-3600 s"
+            )
+        if not 1 <= self.max_sessions <= 1_000_000:
+            raise ConfigError(f"max sessions {self.max_sessions} is out of range: use 1-1000000")
+        if not 0 <= self.cluster_id <= 65535:
+            raise ConfigError(f"cluster id {self.cluster_id} is out of range: use 0-65535")
+
+    @property
+    def secret_path(self) -> Path:
+        return self.secret_file or self.state_dir / "secret.key"

@@ -1,0 +1,271 @@
+"""The transceiver's I/O shell: one UDP endpoint for every session, one timer for all of them.
+
+Datagrams arrive from relay workers as envelopes. STUN checks find their session by the server
+ufrag in USERNAME (the routing token we minted); everything else by the client address, bound
+to a session by an authenticated check. Replies go back as envelopes to the relay worker that
+last sent for that client. A session's failure never touches another's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import heapq
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from voicerelay.transceiver import sdp
+from voicerelay.transceiver.apps import EchoApp
+from voicerelay.transceiver.certificate import Certificate
+from voicerelay.transceiver.config import TransceiverConfig
+from voicerelay.transceiver.session import IceConnected, Session, SessionClosed, SessionConfig
+from voicerelay.wire import envelope, stun
+from voicerelay.wire.addr import Addr
+from voicerelay.wire.token import TokenKeys
+
+log = logging.getLogger("voicerelay.transceiver")
+
+
+class SessionLimit(Exception):
+    """No room for another session."""
+
+
+@dataclass
+class Call:
+    """A session and where its packets go."""
+
+    id: str
+    ufrag: bytes
+    session: Session
+    created: float
+    relay_for: dict[Addr, Addr] = field(default_factory=dict)  # client -> relay worker address
+    timer: float | None = None
+    connected_at: float | None = None
+    secure_at: float | None = None
+
+
+def random_ice_password() -> str:
+    return base64.b64encode(os.urandom(18)).decode()  # 24 ice-chars
+
+
+class TransceiverServer(asyncio.DatagramProtocol):
+    """Every session of this process, multiplexed on one UDP endpoint."""
+
+    def __init__(
+        self,
+        config: TransceiverConfig,
+        keys: TokenKeys,
+        certificate: Certificate | None = None,
+        clock=time.monotonic,
+    ) -> None:
+        self.config = config
+        self.keys = keys
+        self.certificate = certificate or Certificate.generate()
+        self.clock = clock
+        self.calls: dict[str, Call] = {}
+        self.by_ufrag: dict[bytes, Call] = {}
+        self.by_client: dict[Addr, Call] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+        self.internal_addr: Addr = config.internal
+        self.session_config = SessionConfig(consent_timeout=config.consent_timeout)
+        self.counters: Counter[str] = Counter()
+        self.closed_reasons: Counter[str] = Counter()
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = 0
+        self._timer_handle: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+
+    # Lifecycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = self.config.internal
+        await loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
+        assert self.transport is not None
+        self.internal_addr = self.transport.get_extra_info("sockname")[:2]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def close(self) -> None:
+        now = self.clock()
+        for call in list(self.calls.values()):
+            call.session.close(now, "server-stopped")
+            self._flush(call, now)
+        if self._timer_handle is not None:
+            self._timer_handle.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+    # Signaling --------------------------------------------------------------------------------
+    def create_session(self, offer_sdp: str) -> tuple[str, str]:
+        """Accept an offer: returns (session id, answer SDP). Raises SdpError, SessionLimit."""
+        offer = sdp.parse_offer(offer_sdp)
+        if len(self.calls) >= self.config.max_sessions:
+            raise SessionLimit(f"this transceiver is full ({self.config.max_sessions} sessions)")
+        now = self.clock()
+        ufrag = self.keys.seal(self.config.cluster_id, self.internal_addr)
+        pwd = random_ice_password()
+        ssrc = int.from_bytes(os.urandom(4), "big")
+        dtls_role = sdp.answer_dtls_role(offer)
+        session = Session(
+            ice_role="lite",
+            local_ufrag=ufrag,
+            local_pwd=pwd,
+            remote_ufrag=offer.ice_ufrag,
+            remote_pwd=offer.ice_pwd,
+            dtls_role=dtls_role,
+            certificate=self.certificate,
+            remote_fingerprint=offer.fingerprint,
+            now=now,
+            app=EchoApp(ssrc),
+            config=self.session_config,
+            ssrc=ssrc,
+        )
+        call = Call(os.urandom(8).hex(), ufrag.encode(), session, now)
+        self.calls[call.id] = call
+        self.by_ufrag[call.ufrag] = call
+        self._schedule(call)
+        self.counters["sessions_created"] += 1
+        answer = sdp.build_answer(
+            offer,
+            ice_ufrag=ufrag,
+            ice_pwd=pwd,
+            fingerprint=self.certificate.fingerprint,
+            dtls_role=dtls_role,
+            candidate=self.config.relay_public,
+            ssrc=ssrc,
+            cname=f"voicerelay-{call.id[:8]}",
+        )
+        return call.id, answer
+
+    def delete_session(self, call_id: str) -> bool:
+        call = self.calls.get(call_id)
+        if call is None:
+            return False
+        now = self.clock()
+        call.session.close(now, "deleted")
+        self._flush(call, now)
+        return True
+
+    def session_stats(self, call_id: str) -> dict[str, Any] | None:
+        call = self.calls.get(call_id)
+        if call is None:
+            return None
+        return {"id": call.id, "age": self.clock() - call.created, **call.session.stats}
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "sessions": len(self.calls),
+            "internal": list(self.internal_addr),
+            "counters": dict(self.counters),
+            "closed": dict(self.closed_reasons),
+            "states": dict(Counter(c.session.state for c in self.calls.values())),
+        }
+
+    # Datagrams --------------------------------------------------------------------------------
+    def datagram_received(self, data: bytes, relay: Addr) -> None:
+        try:
+            client, payload = envelope.unpack(data)
+        except envelope.EnvelopeError as exc:
+            self.counters[f"drop_envelope_{exc.reason}"] += 1
+            return
+        if not payload:
+            self.counters["drop_empty"] += 1
+            return
+        now = self.clock()
+        if payload[0] <= 3:
+            ufrag = stun.binding_server_ufrag(payload)
+            call = self.by_ufrag.get(ufrag) if ufrag is not None else self.by_client.get(client)
+            if call is None:
+                self.counters["drop_unknown_session"] += 1
+                return
+        else:
+            call = self.by_client.get(client)
+            if call is None:
+                self.counters["drop_unknown_client"] += 1
+                return
+        call.relay_for[client] = relay[:2]
+        try:
+            call.session.receive(payload, client, now)
+        except Exception:  # a bug in one session must not take the process down
+            log.exception("session %s failed on input; closing it", call.id)
+            call.session.close(now, "internal-error")
+        self._flush(call, now)
+
+    def error_received(self, exc: Exception) -> None:
+        self.counters["socket_errors"] += 1
+
+    def _flush(self, call: Call, now: float) -> None:
+        session = call.session
+        transport = self.transport
+        for datagram, client in session.datagrams_to_send():
+            relay = call.relay_for.get(client)
+            if relay is not None and transport is not None:
+                transport.sendto(envelope.pack(client, datagram), relay)
+        for event in session.events():
+            if isinstance(event, IceConnected):
+                call.connected_at = call.connected_at or now
+            elif isinstance(event, SessionClosed):
+                self._reap(call, event.reason)
+                return
+        selected = session.ice.selected
+        if selected is not None and self.by_client.get(selected) is not call:
+            self.by_client[selected] = call  # nominated (or re-nominated) client address
+        if call.secure_at is None and session.state == "secure":
+            call.secure_at = now
+        self._schedule(call)
+
+    def _reap(self, call: Call, reason: str) -> None:
+        self.calls.pop(call.id, None)
+        self.by_ufrag.pop(call.ufrag, None)
+        for client, owner in list(self.by_client.items()):
+            if owner is call:
+                del self.by_client[client]
+        self.closed_reasons[reason] += 1
+        log.info("session %s closed: %s", call.id, reason)
+
+    # One timer for all sessions ---------------------------------------------------------------
+    def _schedule(self, call: Call) -> None:
+        when = call.session.next_timer()
+        if when is None or when == call.timer:
+            return
+        call.timer = when
+        self._seq += 1
+        heapq.heappush(self._heap, (when, self._seq, call.id))
+        self._arm()
+
+    def _arm(self) -> None:
+        if not self._heap:
+            return
+        earliest = self._heap[0][0]
+        if self._timer_at is not None and self._timer_at <= earliest:
+            return
+        if self._timer_handle is not None:
+            self._timer_handle.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_at = earliest
+        self._timer_handle = loop.call_at(
+            loop.time() + max(0.0, earliest - self.clock()), self._on_timer
+        )
+
+    def _on_timer(self) -> None:
+        self._timer_at = None
+        self._timer_handle = None
+        now = self.clock()
+        while self._heap and self._heap[0][0] <= now:
+            when, _, call_id = heapq.heappop(self._heap)
+            call = self.calls.get(call_id)
+            if call is None or call.timer != when:
+                continue  # stale entry
+            call.timer = None
+            try:
+                call.session.handle_timer(now)
+            except Exception:
+                log.exception("session %s failed in a timer; closing it", call.id)
+                call.session.close(now, "internal-error")
+            self._flush(call, now)
+        self._arm()

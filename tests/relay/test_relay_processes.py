@@ -243,3 +243,14 @@ def test_port_taken_by_a_stranger_is_refused(tmp_path):
     assert result.returncode != 0
     assert "--listen" in result.stderr and "in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_relayctl_stats_and_status_print_what_a_person_reads(relay):
+    import json
+
+    human = relay.ctl("stats").stdout
+    assert "pkts in" in human and "total" in human and "snapshot: file" in human
+    parsed = json.loads(relay.ctl("stats", "--json").stdout)
+    assert len(parsed["workers"]) == 2 and "drop_unknown_flow" in parsed["totals"]
+    status = relay.ctl("status").stdout
+    assert status.count("alive") == 2

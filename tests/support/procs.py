@@ -94,15 +94,19 @@ class RelayProcess:
     def stop(self) -> None:
         self.ctl("stop", check=False)
 
-    def stats(self) -> dict[str, Any]:
-        import json
+    def request(self, op: str) -> dict[str, Any]:
+        """Ask the launcher directly over its control socket (what `relayctl` does)."""
+        from voicerelay.relay import control
+        from voicerelay.relay.config import RelayConfig
 
-        return json.loads(self.ctl("stats", "--json").stdout)
+        config = RelayConfig(listen_port=self.port, state_dir=self.state_dir)
+        return control.request(config, op)
+
+    def stats(self) -> dict[str, Any]:
+        return self.request("stats")
 
     def status(self) -> dict[str, Any]:
-        import json
-
-        return json.loads(self.ctl("status", "--json").stdout)
+        return self.request("status")
 
     def launcher_pid(self) -> int:
         return int((self.state_dir / f"relay-{self.port}.pid").read_text())

@@ -93,8 +93,11 @@ def test_return_path_needs_a_live_flow_to_that_transceiver(relay, keys):
         before = relay.stats()["totals"]
         b.sock.sendto(_envelope(client.getsockname(), b"\x80spoof"), worker)  # wrong transceiver
         a.sock.sendto(_envelope(stranger.getsockname(), b"\x80spray"), worker)  # no flow
-        wait_for(lambda: _drops(relay, before, "return_wrong_transceiver", "return_no_flow"), 5,
-                 what="both return drops counted")
+        wait_for(
+            lambda: _drops(relay, before, "return_wrong_transceiver", "return_no_flow"),
+            5,
+            what="both return drops counted",
+        )
         assert recv_all(client, 1, timeout=0.3) == []
         assert recv_all(stranger, 1, timeout=0.3) == []
     finally:
@@ -119,9 +122,12 @@ garbage = st.one_of(
     st.binary(min_size=0, max_size=64),
     st.binary(min_size=1501, max_size=1600),  # oversize
     st.builds(lambda b: b"\x00\x01" + b, st.binary(max_size=40)),  # truncated STUN-ish
-    st.builds(lambda tok: stun.build(stun.BINDING_REQUEST, b"x" * 12,
-                                     [(stun.ATTR_USERNAME, tok + b":c")]),
-              st.text(alphabet="ABCDEFabcdef0123456789+/", min_size=4, max_size=80).map(str.encode)),
+    st.builds(
+        lambda tok: stun.build(
+            stun.BINDING_REQUEST, b"x" * 12, [(stun.ATTR_USERNAME, tok + b":c")]
+        ),
+        st.text(alphabet="ABCDEFabcdef0123456789+/", min_size=4, max_size=80).map(str.encode),
+    ),
 )
 
 
@@ -141,9 +147,13 @@ def honest(relay, keys):
     transceiver.close()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(datagrams=st.lists(garbage, min_size=1, max_size=8))
-def test_forged_and_random_datagrams_are_dropped_while_honest_clients_work(relay, honest, datagrams):
+def test_forged_and_random_datagrams_are_dropped_while_honest_clients_work(
+    relay, honest, datagrams
+):
     transceiver, client, fuzzer = honest
     for data in datagrams:
         fuzzer.sendto(data, relay.public)
@@ -171,8 +181,11 @@ def test_worker_killed_mid_stream_comes_back_and_keeps_flows(tmp_path):
             client.stream(0.01)
             wait_for(lambda: len(client.arrivals) > 20, 5, what="echoes")
             status = relay.status()
-            owner = next(w for w in status["workers"]
-                         if f"127.0.0.1:{transceiver.workers[client.addr][1]}" == w["internal"])
+            owner = next(
+                w
+                for w in status["workers"]
+                if f"127.0.0.1:{transceiver.workers[client.addr][1]}" == w["internal"]
+            )
             killed_at = time.monotonic()
             os.kill(owner["pid"], signal.SIGKILL)
 
@@ -182,8 +195,11 @@ def test_worker_killed_mid_stream_comes_back_and_keeps_flows(tmp_path):
 
             wait_for(replaced, 1.0, what="the killed worker to be replaced within a second")
             assert relay.stats()["table_flows"] >= 1  # the flow survived in shared memory
-            wait_for(lambda: any(t > killed_at + 0.05 for t in client.arrivals), 3,
-                     what="echoes after the kill")
+            wait_for(
+                lambda: any(t > killed_at + 0.05 for t in client.arrivals),
+                3,
+                what="echoes after the kill",
+            )
             gap = client.max_gap(since=killed_at - 0.1)
             assert gap < 1.0, f"media gap {gap:.3f} s after a worker kill"
         finally:
@@ -197,8 +213,14 @@ def test_stop_leaves_no_process_and_no_shared_memory(tmp_path):
     assert all(os.path.exists(f"/dev/shm/{n}") for n in relay.shm_names)
     relay.stop()
     for pid in pids:
-        wait_for(lambda p=pid: not os.path.exists(f"/proc/{p}") or
-                 open(f"/proc/{p}/stat").read().split(") ")[1][0] == "Z", 5, what=f"pid {pid} gone")
+        wait_for(
+            lambda p=pid: (
+                not os.path.exists(f"/proc/{p}")
+                or open(f"/proc/{p}/stat").read().split(") ")[1][0] == "Z"
+            ),
+            5,
+            what=f"pid {pid} gone",
+        )
     assert not any(os.path.exists(f"/dev/shm/{n}") for n in relay.shm_names)
     assert not (tmp_path / f"relay-{relay.port}.sock").exists()
     assert not (tmp_path / f"relay-{relay.port}.pid").exists()
@@ -224,12 +246,22 @@ def test_second_start_on_the_same_port_is_refused(relay):
 )
 def test_bad_options_give_one_line_naming_the_fix(tmp_path, args, fix):
     env = {**os.environ, "VOICERELAY_STATE_DIR": str(tmp_path)}
-    result = subprocess.run([*RELAYCTL, "start", *args], env=env, capture_output=True, text=True,
-                            timeout=30)
+    result = subprocess.run(
+        [*RELAYCTL, "start", *args], env=env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2
     assert fix in result.stderr
     assert "Traceback" not in result.stderr
-    assert len([ln for ln in result.stderr.splitlines() if ln.strip() and not ln.startswith(("Usage", "Try"))]) == 1
+    assert (
+        len(
+            [
+                ln
+                for ln in result.stderr.splitlines()
+                if ln.strip() and not ln.startswith(("Usage", "Try"))
+            ]
+        )
+        == 1
+    )
 
 
 def test_port_taken_by_a_stranger_is_refused(tmp_path):
@@ -237,9 +269,20 @@ def test_port_taken_by_a_stranger_is_refused(tmp_path):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
         squatter.bind(("127.0.0.1", port))
         env = {**os.environ, "VOICERELAY_STATE_DIR": str(tmp_path)}
-        result = subprocess.run([*RELAYCTL, "start", "--listen", f"127.0.0.1:{port}", "--internal",
-                                 f"127.0.0.1:{free_ports(2)}"], env=env, capture_output=True,
-                                text=True, timeout=30)
+        result = subprocess.run(
+            [
+                *RELAYCTL,
+                "start",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--internal",
+                f"127.0.0.1:{free_ports(2)}",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     assert result.returncode != 0
     assert "--listen" in result.stderr and "in use" in result.stderr
     assert "Traceback" not in result.stderr

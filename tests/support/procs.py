@@ -24,8 +24,12 @@ import psutil
 RELAYCTL = [sys.executable, "-m", "voicerelay.cli.main"]
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01,
-             what: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    interval: float = 0.01,
+    what: str = "condition",
+) -> Any:
     """Poll `predicate` until it returns something truthy; fail the test after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -58,8 +62,15 @@ def free_ports(count: int = 1, kind: int = socket.SOCK_DGRAM) -> int:
 class RelayProcess:
     """A real relay launched with `relayctl start` (background mode) in its own state dir."""
 
-    def __init__(self, state_dir: Path, *, workers: int = 2, port: int | None = None,
-                 internal_base: int | None = None, extra: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        workers: int = 2,
+        port: int | None = None,
+        internal_base: int | None = None,
+        extra: list[str] | None = None,
+    ) -> None:
         self.state_dir = Path(state_dir)
         self.workers = workers
         self.port = port or free_ports(1)
@@ -79,7 +90,9 @@ class RelayProcess:
     def shm_names(self) -> list[str]:
         return [f"voicerelay-{self.port}-flows", f"voicerelay-{self.port}-stats"]
 
-    def ctl(self, *args: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    def ctl(
+        self, *args: str, check: bool = True, timeout: float = 30.0
+    ) -> subprocess.CompletedProcess:
         cmd = [*RELAYCTL, *args, "--listen", f"127.0.0.1:{self.port}"]
         result = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
@@ -87,8 +100,14 @@ class RelayProcess:
         return result
 
     def start(self) -> RelayProcess:
-        self.ctl("start", "--internal", f"127.0.0.1:{self.internal_base}", "--workers",
-                 str(self.workers), *self.extra)
+        self.ctl(
+            "start",
+            "--internal",
+            f"127.0.0.1:{self.internal_base}",
+            "--workers",
+            str(self.workers),
+            *self.extra,
+        )
         return self
 
     def stop(self) -> None:
@@ -174,11 +193,24 @@ class TransceiverProcess:
 
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(
-                [*RELAYCTL, "transceiver", "--internal", f"127.0.0.1:{self.internal_port}",
-                 "--http", f"127.0.0.1:{self.http_port}", "--relay-public",
-                 f"127.0.0.1:{self.relay.port}", "--secret-file", str(self.relay.secret_file),
-                 "--consent-timeout", str(self.consent_timeout)],
-                env=self.relay.env, stdout=logf, stderr=subprocess.STDOUT)
+                [
+                    *RELAYCTL,
+                    "transceiver",
+                    "--internal",
+                    f"127.0.0.1:{self.internal_port}",
+                    "--http",
+                    f"127.0.0.1:{self.http_port}",
+                    "--relay-public",
+                    f"127.0.0.1:{self.relay.port}",
+                    "--secret-file",
+                    str(self.relay.secret_file),
+                    "--consent-timeout",
+                    str(self.consent_timeout),
+                ],
+                env=self.relay.env,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+            )
 
         def ready() -> bool:
             assert self.proc is not None
@@ -222,7 +254,9 @@ class RedisServer:
     def __init__(self, workdir: Path) -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
-            raise RuntimeError("redis-server is not installed: run `make install` (scripts/install-system-deps.sh)")
+            raise RuntimeError(
+                "redis-server is not installed: run `make install` (scripts/install-system-deps.sh)"
+            )
         self.workdir = Path(workdir)
         self.port = free_ports(1, socket.SOCK_STREAM)
         self.proc: subprocess.Popen | None = None
@@ -238,9 +272,24 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--enable-debug-command", "local"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--enable-debug-command",
+                "local",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
         def pong() -> bool:
             try:

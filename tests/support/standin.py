@@ -13,12 +13,17 @@ from voicerelay.wire import envelope, stun
 from voicerelay.wire.token import TokenKeys
 
 
-def binding_request(keys: TokenKeys, transceiver: tuple[str, int], client_ufrag: str = "cli1") -> bytes:
+def binding_request(
+    keys: TokenKeys, transceiver: tuple[str, int], client_ufrag: str = "cli1"
+) -> bytes:
     """A client's first packet: a STUN Binding request whose USERNAME routes to `transceiver`."""
     token = keys.seal(0, transceiver)
-    return stun.build(stun.BINDING_REQUEST, os.urandom(12),
-                      [(stun.ATTR_USERNAME, f"{token}:{client_ufrag}".encode())],
-                      integrity_key=b"not-checked-by-the-relay")
+    return stun.build(
+        stun.BINDING_REQUEST,
+        os.urandom(12),
+        [(stun.ATTR_USERNAME, f"{token}:{client_ufrag}".encode())],
+        integrity_key=b"not-checked-by-the-relay",
+    )
 
 
 class StandIn:
@@ -93,6 +98,7 @@ class MediaClient:
 
     def stream(self, interval: float = 0.02) -> MediaClient:
         """Start sending numbered RTP-like packets and recording echo arrival times."""
+
         def sender() -> None:
             n = 0
             next_at = time.monotonic()
@@ -111,8 +117,10 @@ class MediaClient:
                 if data.startswith(b"E"):
                     self.arrivals.append(time.monotonic())
 
-        self._threads = [threading.Thread(target=sender, daemon=True),
-                         threading.Thread(target=receiver, daemon=True)]
+        self._threads = [
+            threading.Thread(target=sender, daemon=True),
+            threading.Thread(target=receiver, daemon=True),
+        ]
         for t in self._threads:
             t.start()
         return self

@@ -9,7 +9,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import crypto
 
 
 def fingerprint_of(cert: x509.Certificate) -> str:
@@ -31,8 +30,6 @@ class Certificate:
         self.key = key
         self.cert = cert
         self.fingerprint = fingerprint_of(cert)
-        self.openssl_cert = crypto.X509.from_cryptography(cert)
-        self.openssl_key = crypto.PKey.from_cryptography_key(key)
 
     @classmethod
     def generate(cls, days: int = 30) -> Certificate:

@@ -70,8 +70,8 @@ def pack_records(records: list[bytes], mtu: int) -> list[bytes]:
 
 def _make_context(certificate: Certificate, profiles: bytes) -> SSL.Context:
     ctx = SSL.Context(SSL.DTLS_METHOD)
-    ctx.use_certificate(certificate.openssl_cert)
-    ctx.use_privatekey(certificate.openssl_key)
+    ctx.use_certificate(certificate.cert)
+    ctx.use_privatekey(certificate.key)
     # WebRTC peers use self-signed certificates: accept any here, check the SDP fingerprint after.
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda *args: True)
     ctx.set_cipher_list(

@@ -168,6 +168,8 @@ def build_answer(
     """The ICE-lite, Opus-only answer, with `candidate` (the relay) as the only candidate."""
     host, port = candidate
     setup = "passive" if dtls_role == "server" else "active"
+    transport = [f"a=ice-ufrag:{ice_ufrag}", f"a=ice-pwd:{ice_pwd}", f"a=fingerprint:{fingerprint}",
+                 f"a=setup:{setup}"]
     lines = [
         "v=0",
         f"o=- {int.from_bytes(os.urandom(7), 'big')} 2 {_ip_line(host)}",
@@ -191,10 +193,7 @@ def build_answer(
     lines += [
         f"a=ssrc:{ssrc} cname:{cname}",
         "a=msid:voicerelay voicerelay-audio",
-        f"a=ice-ufrag:{ice_ufrag}",
-        f"a=ice-pwd:{ice_pwd}",
-        f"a=fingerprint:{fingerprint}",
-        f"a=setup:{setup}",
+        *transport,
         f"a=candidate:1 1 udp 2130706431 {host} {port} typ host",
         "a=end-of-candidates",
     ]
@@ -203,7 +202,7 @@ def build_answer(
         lines.append(f"c={_ip_line(host)}")
         if other.attr("mid") is not None:
             lines.append(f"a=mid:{other.attr('mid')}")
-        lines.append("a=inactive")
+        lines += [*transport, "a=inactive"]
     return "\r\n".join(lines) + "\r\n"
 
 

@@ -1,0 +1,168 @@
+"""SDP against real aiortc offers/answers; RTP/RTCP codec properties."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from voicerelay.transceiver import sdp
+from voicerelay.transceiver.rtp import (
+    RTCP_RR,
+    RTCP_SR,
+    ReceiveStats,
+    ReportBlock,
+    RtpError,
+    RtpPacket,
+    build_receiver_report,
+    build_sender_report,
+    parse_rtcp,
+    parse_rtp,
+)
+
+CHROME_OFFER = """v=0
+o=- 4611731400430051336 2 IN IP4 127.0.0.1
+s=-
+t=0 0
+a=group:BUNDLE 0
+a=extmap-allow-mixed
+a=msid-semantic: WMS 5f0d
+m=audio 9 UDP/TLS/RTP/SAVPF 111 63 9 0 8 13 110 126
+c=IN IP4 0.0.0.0
+a=rtcp:9 IN IP4 0.0.0.0
+a=candidate:1 1 udp 2122260223 192.168.1.5 54321 typ host generation 0
+a=ice-ufrag:Ab3d
+a=ice-pwd:aBcDeFgHiJkLmNoPqRsTuVwX
+a=ice-options:trickle
+a=fingerprint:sha-256 4A:AD:B9:B1:3F:82:18:3B:54:02:12:DF:3E:5D:49:6B:19:E5:7C:AB:3B:63:D4:26:1A:A0:2B:EB:8D:E4:3A:71
+a=setup:actpass
+a=mid:0
+a=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level
+a=sendrecv
+a=msid:5f0d 7c1e
+a=rtcp-mux
+a=rtpmap:111 opus/48000/2
+a=rtcp-fb:111 transport-cc
+a=fmtp:111 minptime=10;useinbandfec=1
+a=rtpmap:63 red/48000/2
+a=rtpmap:9 G722/8000
+a=ssrc:3735928559 cname:abc
+"""
+
+
+def test_a_chromium_offer_parses_and_gets_an_ice_lite_answer():
+    offer = sdp.parse_offer(CHROME_OFFER)
+    assert (offer.ice_ufrag, offer.setup, offer.mid, offer.opus_pt) == ("Ab3d", "actpass", "0", 111)
+    assert offer.ssrc == 3735928559 and offer.opus_fmtp == "minptime=10;useinbandfec=1"
+    assert sdp.answer_dtls_role(offer) == "server"
+    answer = sdp.build_answer(offer, ice_ufrag="TOKEN", ice_pwd="p" * 24,
+                              fingerprint="sha-256 AA:BB", dtls_role="server",
+                              candidate=("127.0.0.1", 3478), ssrc=7, cname="x")
+    assert "a=ice-lite" in answer and "a=setup:passive" in answer
+    assert "m=audio 3478 UDP/TLS/RTP/SAVPF 111\r\n" in answer
+    assert answer.count("a=candidate:") == 1 and "a=end-of-candidates" in answer
+    assert "G722" not in answer and "a=group:BUNDLE 0" in answer
+    parsed = sdp.parse_answer(answer)
+    assert parsed.candidate == ("127.0.0.1", 3478) and parsed.ice_lite
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda s: "hello", "v=0"),
+    (lambda s: s.replace("m=audio", "m=video"), "no audio"),
+    (lambda s: s.replace("opus/48000/2", "PCMU/8000"), "Opus"),
+    (lambda s: s.replace("a=fingerprint", "a=x-fingerprint"), "fingerprint"),
+    (lambda s: s.replace("a=ice-pwd", "a=x-pwd"), "ice-ufrag"),
+    (lambda s: s.replace("a=setup:actpass", "a=setup:holdconn"), "setup"),
+])
+def test_bad_offers_say_what_is_wrong(mutate, message):
+    with pytest.raises(sdp.SdpError, match=message):
+        sdp.parse_offer(mutate(CHROME_OFFER))
+
+
+@given(st.text(max_size=400))
+def test_parse_offer_raises_only_sdp_error(text):
+    try:
+        sdp.parse_offer(text)
+    except sdp.SdpError:
+        pass
+
+
+@given(st.text(alphabet="abcdefXYZ0123+/", min_size=4, max_size=32),
+       st.text(alphabet="abcdefXYZ0123+/", min_size=22, max_size=40), st.integers(0, 2**32 - 1),
+       st.integers(96, 127))
+def test_build_offer_round_trips(ufrag, pwd, ssrc, pt):
+    offer = sdp.parse_offer(sdp.build_offer(ice_ufrag=ufrag, ice_pwd=pwd, fingerprint="sha-256 ab:cd",
+                                            ssrc=ssrc, cname="c", opus_pt=pt))
+    assert (offer.ice_ufrag, offer.ice_pwd, offer.ssrc, offer.opus_pt) == (ufrag, pwd, ssrc, pt)
+    assert offer.fingerprint == "sha-256 AB:CD"
+
+
+def test_aiortc_offer_parses_and_aiortc_accepts_our_answer():
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+    from voicerelay.cli.call_client import loopback_only_ice
+
+    loopback_only_ice()
+
+    async def roundtrip():
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver("audio", direction="sendrecv")
+        pc.createDataChannel("chat")  # an extra section we must reject cleanly
+        await pc.setLocalDescription(await pc.createOffer())
+        offer = sdp.parse_offer(pc.localDescription.sdp)
+        answer = sdp.build_answer(offer, ice_ufrag="TOKENabc", ice_pwd="p" * 24,
+                                  fingerprint="sha-256 " + ":".join(["AB"] * 32), dtls_role="server",
+                                  candidate=("127.0.0.1", 3478), ssrc=99, cname="x")
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        directions = [t.currentDirection for t in pc.getTransceivers()]
+        await pc.close()
+        return offer, directions
+
+    offer, directions = asyncio.run(roundtrip())
+    assert offer.setup == "actpass" and offer.opus_pt > 0 and len(offer.rejected) == 1
+    assert directions == ["sendrecv"]
+
+
+rtp_packets = st.builds(
+    RtpPacket, st.integers(0, 127), st.integers(0, 0xFFFF), st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1), st.binary(max_size=200), st.booleans(),
+    st.lists(st.integers(0, 2**32 - 1), max_size=15),
+    st.none() | st.tuples(st.integers(0, 0xFFFF), st.binary(max_size=12).map(lambda b: b + b"\0" * (-len(b) % 4))),
+)
+
+
+@given(rtp_packets)
+def test_rtp_round_trips(packet):
+    assert parse_rtp(packet.serialize()) == packet
+
+
+@given(st.binary(max_size=80))
+def test_rtp_and_rtcp_parsers_raise_only_rtp_error(data):
+    for parser in (parse_rtp, parse_rtcp):
+        try:
+            parser(data)
+        except RtpError:
+            pass
+
+
+blocks = st.builds(ReportBlock, st.integers(0, 2**32 - 1), st.integers(0, 255),
+                   st.integers(-(2**23), 2**23 - 1), st.integers(0, 2**32 - 1),
+                   st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
+
+
+@given(st.integers(0, 2**32 - 1), st.lists(blocks, max_size=5), st.integers(0, 2**64 - 1))
+def test_reports_round_trip(ssrc, reports, ntp):
+    rr, sr = parse_rtcp(build_receiver_report(ssrc, reports) + build_sender_report(ssrc, ntp, 1, 2, 3, reports))
+    assert (rr.packet_type, rr.ssrc, rr.reports) == (RTCP_RR, ssrc, reports)
+    assert (sr.packet_type, sr.ntp, sr.packet_count, sr.reports) == (RTCP_SR, ntp, 2, reports)
+
+
+def test_receive_stats_count_loss_and_wraparound():
+    stats = ReceiveStats()
+    for seq in [65530, 65531, 65533, 65535, 0, 1, 3]:
+        stats.add(1, seq, seq * 960, seq * 0.02)
+    assert stats.expected == 10 and stats.received == 7 and stats.lost == 3
+    block = stats.report_block(1.0)
+    assert block.highest_sequence == 65536 + 3 and block.fraction_lost == (3 << 8) // 10

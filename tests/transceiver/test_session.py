@@ -1,0 +1,145 @@
+"""The sans-IO Session, both roles back to back: ICE-lite, DTLS, SRTP, echo, RTCP, closing."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.transceiver.conftest import CLIENT, SERVER, Pair
+from voicerelay.transceiver.rtp import RtpPacket, parse_rtp
+from voicerelay.transceiver.session import RtpReceived, SessionClosed, SessionConfig
+from voicerelay.wire import stun
+
+
+def secure(pair: Pair) -> None:
+    pair.run_until(lambda: pair.client.state == "secure" and pair.server.state == "secure")
+
+
+def talk(pair: Pair, packets: int = 20) -> list:
+    for i in range(packets):
+        pair.client.send_rtp(RtpPacket(111, i, i * 960, 1111, b"opus-%d" % i).serialize(), pair.now)
+        pair.step(0.02)
+    pair.step()
+    return [parse_rtp(e.packet) for e in pair.client_events if isinstance(e, RtpReceived)]
+
+
+@pytest.mark.parametrize(("profiles", "name"), [
+    (b"SRTP_AEAD_AES_128_GCM", "AEAD_AES_128_GCM"),
+    (b"SRTP_AES128_CM_SHA1_80", "AES_CM_128_HMAC_SHA1_80"),
+])
+def test_echo_over_each_srtp_profile(profiles, name):
+    pair = Pair(SessionConfig(srtp_profiles=profiles))
+    secure(pair)
+    assert pair.server.stats["srtp_profile"] == name
+    echoed = talk(pair)
+    assert [p.payload for p in echoed] == [b"opus-%d" % i for i in range(20)]
+    assert {p.ssrc for p in echoed} == {4242}  # the server's own SSRC
+    seqs = [p.sequence for p in echoed]
+    assert all((b - a) & 0xFFFF == 1 for a, b in zip(seqs, seqs[1:], strict=False))
+
+
+def test_server_can_take_the_dtls_client_role():
+    pair = Pair(server_dtls="client")
+    secure(pair)
+    assert talk(pair, 3)
+
+
+def test_nomination_follows_the_authenticated_use_candidate_check(pair):
+    secure(pair)
+    assert pair.server.ice.nominated == CLIENT
+
+
+def test_wrong_integrity_and_username_get_no_answer(pair):
+    secure(pair)
+    for key, user in ((b"wrong" * 5, b"SRVR:CLNT"), (b"s" * 22, b"SRVR:OTHER")):
+        pair.server.receive(stun.build(stun.BINDING_REQUEST, os.urandom(12),
+                                       [(stun.ATTR_USERNAME, user)], integrity_key=key),
+                            ("203.0.113.9", 1), pair.now)
+        assert pair.server.datagrams_to_send() == []
+    counters = pair.server.stats
+    assert counters["ice_bad_integrity"] == 1 and counters["ice_bad_username"] == 1
+    assert pair.server.ice.nominated == CLIENT  # not hijacked
+
+
+def test_fingerprint_mismatch_closes_the_session():
+    pair = Pair(lie_about_fingerprint=True)
+    pair.run_until(lambda: pair.server.state == "closed")
+    assert pair.server.close_reason == "fingerprint-mismatch"
+    pair.run_until(lambda: pair.client.state == "closed")  # it heard close_notify
+
+
+def test_consent_expiry_closes_a_silent_peer():
+    pair = Pair(SessionConfig(consent_timeout=2.0, consent_interval=0.5))
+    secure(pair)
+    pair.run_until(lambda: False if pair.now < 5 else True, seconds=6)  # checks keep it alive
+    assert pair.server.state == "secure"
+    pair.drop = lambda data, to_server: to_server  # the client vanishes
+    pair.run_until(lambda: pair.server.state == "closed", seconds=3)
+    assert pair.server.close_reason == "consent-expired"
+    assert any(isinstance(e, SessionClosed) and e.reason == "consent-expired" for e in pair.server_events)
+
+
+def test_close_sends_close_notify(pair):
+    secure(pair)
+    pair.client.close(pair.now, "bye")
+    pair.step()
+    assert pair.server.state == "closed" and pair.server.close_reason == "peer-closed"
+    assert pair.client.close_reason == "bye"
+
+
+def test_every_datagram_fits_the_mtu():
+    pair = Pair(SessionConfig(mtu=1000))
+    secure(pair)
+    talk(pair, 3)
+    assert max(pair.sizes) <= 1000
+
+
+def test_a_lost_dtls_flight_is_retransmitted():
+    pair = Pair()
+    lost = {"count": 0}
+
+    def drop_first_server_flight(data, to_server):
+        if not to_server and 20 <= data[0] <= 63 and lost["count"] == 0:
+            lost["count"] += 1
+            return True
+        return False
+
+    pair.drop = drop_first_server_flight
+    deadline = time.monotonic() + 10  # OpenSSL's DTLS timer runs on the real clock
+    while pair.client.state != "secure" and time.monotonic() < deadline:
+        pair.step(0.05)
+        time.sleep(0.02)
+    assert lost["count"] == 1
+    assert pair.client.state == "secure" and pair.server.state == "secure"
+
+
+def test_rtcp_reports_give_both_sides_an_rtt():
+    pair = Pair(SessionConfig(rtcp_interval=0.2))
+    secure(pair)
+    talk(pair, 40)
+    assert pair.server.stats["rtt"] is not None and pair.server.stats["rtt"] >= 0
+    assert pair.server.stats["received"] == 40 and pair.server.stats["lost"] == 0
+    assert pair.client.stats["rtcp_in"] > 0
+
+
+mutations = st.one_of(
+    st.binary(max_size=300),
+    st.builds(lambda b, x: bytes([b]) + x, st.integers(0, 255), st.binary(max_size=200)),
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(garbage=st.lists(mutations, max_size=10), source=st.sampled_from([CLIENT, ("203.0.113.5", 9)]))
+def test_garbage_never_raises_and_the_call_keeps_working(garbage, source):
+    pair = Pair()
+    secure(pair)
+    for data in garbage:
+        pair.server.receive(data, source, pair.now)
+        pair.client.receive(data, SERVER, pair.now)
+    pair.server.datagrams_to_send()
+    assert pair.server.state == "secure"
+    assert talk(pair, 2)

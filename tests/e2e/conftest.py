@@ -1,0 +1,68 @@
+"""`relayctl up` as a user runs it, on free ports with its own state directory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.support.procs import RELAYCTL, free_ports, wait_for
+
+
+class UpStack:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.public_port = free_ports(1)
+        self.internal_base = free_ports(2)
+        self.transceiver_port = free_ports(1)
+        self.http_port = free_ports(1, socket.SOCK_STREAM)
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.output = state_dir / "up.out"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> UpStack:
+        env = {**os.environ, "VOICERELAY_STATE_DIR": str(self.state_dir)}
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output, "wb") as out:
+            self.proc = subprocess.Popen(
+                [*RELAYCTL, "up", "--public-port", str(self.public_port), "--internal-port-base",
+                 str(self.internal_base), "--transceiver-port", str(self.transceiver_port),
+                 "--http-port", str(self.http_port), "--workers", "2"],
+                env=env, stdout=out, stderr=subprocess.STDOUT)
+        wait_for(self._ready, 20, 0.05, "relayctl up to serve the page")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"relayctl up exited: {self.output.read_text()}")
+        try:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=0.5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def interrupt(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(20)
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        for name in (f"voicerelay-{self.public_port}-flows", f"voicerelay-{self.public_port}-stats"):
+            if os.path.exists(f"/dev/shm/{name}"):
+                os.unlink(f"/dev/shm/{name}")
+
+
+@pytest.fixture
+def up_stack(tmp_path):
+    stack = UpStack(tmp_path / "state").start()
+    yield stack
+    stack.cleanup()

@@ -30,10 +30,24 @@ class UpStack:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output, "wb") as out:
             self.proc = subprocess.Popen(
-                [*RELAYCTL, "up", "--public-port", str(self.public_port), "--internal-port-base",
-                 str(self.internal_base), "--transceiver-port", str(self.transceiver_port),
-                 "--http-port", str(self.http_port), "--workers", "2"],
-                env=env, stdout=out, stderr=subprocess.STDOUT)
+                [
+                    *RELAYCTL,
+                    "up",
+                    "--public-port",
+                    str(self.public_port),
+                    "--internal-port-base",
+                    str(self.internal_base),
+                    "--transceiver-port",
+                    str(self.transceiver_port),
+                    "--http-port",
+                    str(self.http_port),
+                    "--workers",
+                    "2",
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         wait_for(self._ready, 20, 0.05, "relayctl up to serve the page")
         return self
 
@@ -56,7 +70,10 @@ class UpStack:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
-        for name in (f"voicerelay-{self.public_port}-flows", f"voicerelay-{self.public_port}-stats"):
+        for name in (
+            f"voicerelay-{self.public_port}-flows",
+            f"voicerelay-{self.public_port}-stats",
+        ):
             if os.path.exists(f"/dev/shm/{name}"):
                 os.unlink(f"/dev/shm/{name}")
 

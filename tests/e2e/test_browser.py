@@ -13,10 +13,18 @@ pytestmark = pytest.mark.browser
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-quic", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-    "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+    "--allow-loopback-in-peer-connection",
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
     "--autoplay-policy=no-user-gesture-required",
 ]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -38,7 +46,8 @@ INBOUND_ENERGY = """async () => {
 def page(tmp_path):
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=FLAGS)
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=FLAGS
+        )
         try:
             yield context.new_page()
         finally:
@@ -48,8 +57,10 @@ def page(tmp_path):
 def test_the_page_talks_through_the_relay_and_hears_the_echo(up_stack, page):
     page.goto(up_stack.url)
     page.click("#talk")
-    page.wait_for_function("() => window.voicerelay.pc && window.voicerelay.pc.connectionState === 'connected'",
-                           timeout=15000)
+    page.wait_for_function(
+        "() => window.voicerelay.pc && window.voicerelay.pc.connectionState === 'connected'",
+        timeout=15000,
+    )
 
     def echo_heard():
         r = page.evaluate(INBOUND_ENERGY)
@@ -57,12 +68,16 @@ def test_the_page_talks_through_the_relay_and_hears_the_echo(up_stack, page):
 
     result = wait_for(echo_heard, 15, 0.2, "energy in the echoed audio")
     assert result["energy"] > 0 and result["playing"] and result["state"] == "connected"
-    page.wait_for_function("() => document.getElementById('received').textContent !== '-'", timeout=5000)
+    page.wait_for_function(
+        "() => document.getElementById('received').textContent !== '-'", timeout=5000
+    )
     assert page.inner_text("#state") == "connected"
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "browser-demo.png"), full_page=True)
     page.click("#hangup")
-    page.wait_for_function("() => document.getElementById('state').textContent === 'idle'", timeout=5000)
+    page.wait_for_function(
+        "() => document.getElementById('state').textContent === 'idle'", timeout=5000
+    )
 
 
 def test_the_page_says_so_when_signaling_is_down(up_stack, page):

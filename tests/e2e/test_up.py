@@ -26,13 +26,19 @@ def test_up_serves_the_page_answers_a_call_and_stops_clean_on_ctrl_c(up_stack):
     assert up_stack.interrupt() == 0
     psutil.wait_procs(children, timeout=10)
     assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
-    assert not any(n.startswith(f"voicerelay-{up_stack.public_port}-") for n in os.listdir("/dev/shm"))
+    assert not any(
+        n.startswith(f"voicerelay-{up_stack.public_port}-") for n in os.listdir("/dev/shm")
+    )
     assert "voicerelay stopped" in up_stack.output.read_text()
 
 
 def test_relayctl_call_reports_the_tone_came_back(up_stack):
-    result = subprocess.run([*RELAYCTL, "call", up_stack.url, "--tone", "880", "--seconds", "1.5"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [*RELAYCTL, "call", up_stack.url, "--tone", "880", "--seconds", "1.5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "tone 880 Hz came back" in result.stdout
 
@@ -43,9 +49,23 @@ def test_a_busy_port_is_one_line_naming_the_option(tmp_path):
         squatter.bind(("127.0.0.1", http_port))
         squatter.listen()
         env = {**os.environ, "VOICERELAY_STATE_DIR": str(tmp_path)}
-        result = subprocess.run([*RELAYCTL, "up", "--http-port", str(http_port), "--public-port",
-                                 str(free_ports(1)), "--internal-port-base", str(free_ports(4)),
-                                 "--transceiver-port", str(free_ports(1))],
-                                env=env, capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            [
+                *RELAYCTL,
+                "up",
+                "--http-port",
+                str(http_port),
+                "--public-port",
+                str(free_ports(1)),
+                "--internal-port-base",
+                str(free_ports(4)),
+                "--transceiver-port",
+                str(free_ports(1)),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     assert result.returncode == 2
     assert "--http-port" in result.stderr and "Traceback" not in result.stderr

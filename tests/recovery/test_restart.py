@@ -33,8 +33,11 @@ def stream_through(relay: RelayProcess) -> tuple[StandIn, MediaClient]:
 
 
 def wait_snapshot_with_flow(relay: RelayProcess) -> None:
-    wait_for(lambda: (relay.stats()["snapshot"].get("flows_in_last_snapshot") or 0) >= 1, 5,
-             what="a snapshot holding the flow")
+    wait_for(
+        lambda: (relay.stats()["snapshot"].get("flows_in_last_snapshot") or 0) >= 1,
+        5,
+        what="a snapshot holding the flow",
+    )
 
 
 def echoes_after(client: MediaClient, t: float, count: int = 5) -> bool:
@@ -92,17 +95,24 @@ def test_kill_minus_nine_of_everything_then_start_recovers(tmp_path, redis_serve
 
 
 def test_redis_stopped_mid_run_never_pauses_forwarding(tmp_path, redis_server):
-    relay = RelayProcess(tmp_path, workers=2, extra=["--redis", redis_server.url,
-                                                    "--snapshot-interval", "0.2"]).start()
+    relay = RelayProcess(
+        tmp_path, workers=2, extra=["--redis", redis_server.url, "--snapshot-interval", "0.2"]
+    ).start()
     transceiver = client = None
     try:
         transceiver, client = stream_through(relay)
         wait_snapshot_with_flow(relay)
         outage = time.monotonic()
         redis_server.stop()
-        wait_for(lambda: relay.stats()["snapshot"]["consecutive_failures"] >= 2, 10, what="failures seen")
+        wait_for(
+            lambda: relay.stats()["snapshot"]["consecutive_failures"] >= 2, 10, what="failures seen"
+        )
         redis_server.start()
-        wait_for(lambda: relay.stats()["snapshot"]["consecutive_failures"] == 0, 15, what="snapshots resumed")
+        wait_for(
+            lambda: relay.stats()["snapshot"]["consecutive_failures"] == 0,
+            15,
+            what="snapshots resumed",
+        )
         gap = client.max_gap(since=outage)
         print(f"\nlongest media gap while Redis was down: {gap * 1000:.0f} ms")
         assert gap < 0.5
@@ -116,8 +126,9 @@ def test_redis_stopped_mid_run_never_pauses_forwarding(tmp_path, redis_server):
 
 
 def test_a_paused_redis_does_not_slow_forwarding(tmp_path, redis_server):
-    relay = RelayProcess(tmp_path, workers=2, extra=["--redis", redis_server.url,
-                                                    "--snapshot-interval", "0.1"]).start()
+    relay = RelayProcess(
+        tmp_path, workers=2, extra=["--redis", redis_server.url, "--snapshot-interval", "0.1"]
+    ).start()
     transceiver = client = None
     try:
         transceiver, client = stream_through(relay)
@@ -136,7 +147,9 @@ def test_a_paused_redis_does_not_slow_forwarding(tmp_path, redis_server):
 
 
 @pytest.mark.parametrize("backend", ["file", "redis"])
-def test_a_corrupt_snapshot_is_refused_and_the_relay_serves_new_sessions(tmp_path, request, backend):
+def test_a_corrupt_snapshot_is_refused_and_the_relay_serves_new_sessions(
+    tmp_path, request, backend
+):
     relay = RelayProcess(tmp_path, workers=2)
     if backend == "redis":
         server = request.getfixturevalue("redis_server")

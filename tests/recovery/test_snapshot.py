@@ -3,6 +3,7 @@ behaviour when Redis is down, paused, or comes back."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -25,9 +26,17 @@ from voicerelay.relay.snapshot import (
 )
 from voicerelay.shm.flowtable import FlowRecord, FlowTable
 
-addrs = st.tuples(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).map(str), st.integers(0, 65535))
-records = st.builds(FlowRecord, addrs, addrs, st.floats(0, 1000), st.integers(0, 2**32 - 1),
-                    st.integers(0, 2**32 - 1))
+addrs = st.tuples(
+    st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).map(str), st.integers(0, 65535)
+)
+records = st.builds(
+    FlowRecord,
+    addrs,
+    addrs,
+    st.floats(0, 1000),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1),
+)
 
 
 @given(st.lists(records, max_size=20))
@@ -35,13 +44,17 @@ def test_codec_round_trips(flows):
     blob = encode_snapshot(flows, now=1000.0, wall=5000.0)
     back = decode_snapshot(blob, now=2000.0, wall_now=5000.0)
     assert [(r.client, r.transceiver, r.packets_in, r.packets_out) for r in back] == [
-        (r.client, r.transceiver, r.packets_in, r.packets_out) for r in flows]
+        (r.client, r.transceiver, r.packets_in, r.packets_out) for r in flows
+    ]
     for before, after in zip(flows, back, strict=True):  # same idle age on the new clock
         assert (2000.0 - after.last_seen) == pytest.approx(1000.0 - before.last_seen, abs=1e-6)
 
 
 def test_downtime_counts_against_the_idle_timeout():
-    flows = [FlowRecord(("10.0.0.1", 1), ("127.0.0.1", 5), 99.0), FlowRecord(("10.0.0.2", 1), ("127.0.0.1", 5), 80.0)]
+    flows = [
+        FlowRecord(("10.0.0.1", 1), ("127.0.0.1", 5), 99.0),
+        FlowRecord(("10.0.0.2", 1), ("127.0.0.1", 5), 80.0),
+    ]
     blob = encode_snapshot(flows, now=100.0, wall=1000.0)
     kept = decode_snapshot(blob, now=0.0, wall_now=1010.0, idle_timeout=15.0)
     assert [r.client for r in kept] == [("10.0.0.1", 1)]  # 1 s idle + 10 s down < 15 s
@@ -49,10 +62,8 @@ def test_downtime_counts_against_the_idle_timeout():
 
 @given(st.binary(max_size=200))
 def test_garbage_raises_only_snapshot_error(blob):
-    try:
+    with contextlib.suppress(SnapshotError):
         decode_snapshot(blob, 0.0)
-    except SnapshotError:
-        pass
 
 
 @given(st.data())
@@ -65,9 +76,17 @@ def test_truncated_snapshots_are_refused_whole(data):
 
 def test_unknown_versions_and_damaged_flows_are_refused():
     with pytest.raises(SnapshotError, match="version"):
-        decode_snapshot(msgpack.packb({"format": "voicerelay-flows", "v": 2, "wall": 0, "flows": []}), 0)
-    bad = msgpack.packb({"format": "voicerelay-flows", "v": 1, "wall": 0,
-                         "flows": [["10.0.0.1", 1, "not-an-ip", 5, 0.0, 0, 0]]})
+        decode_snapshot(
+            msgpack.packb({"format": "voicerelay-flows", "v": 2, "wall": 0, "flows": []}), 0
+        )
+    bad = msgpack.packb(
+        {
+            "format": "voicerelay-flows",
+            "v": 1,
+            "wall": 0,
+            "flows": [["10.0.0.1", 1, "not-an-ip", 5, 0.0, 0, 0]],
+        }
+    )
     with pytest.raises(SnapshotError, match="flow 0"):
         decode_snapshot(bad, 0)
 
@@ -151,7 +170,9 @@ def test_snapshotter_thread_does_not_hold_up_its_caller(redis_server, table):
     redis_server.client().execute_command("DEBUG", "SLEEP", "0")  # debug command available
     snapper = Snapshotter(table, store, interval=0.05)
     snapper.start()
-    blocker = threading.Thread(target=lambda: redis_server.client().execute_command("DEBUG", "SLEEP", "1.5"))
+    blocker = threading.Thread(
+        target=lambda: redis_server.client().execute_command("DEBUG", "SLEEP", "1.5")
+    )
     blocker.start()
     started = time.monotonic()
     ticks = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support.procs import RELAYCTL, RelayProcess, free_ports, wait_for
+from tests.support.procs import RELAYCTL, RelayProcess, alive, free_ports, wait_for
 from tests.support.standin import MediaClient, StandIn, binding_request
 from voicerelay.wire import stun
 from voicerelay.wire.token import load_keys
@@ -34,10 +35,8 @@ def recv_all(sock: socket.socket, count: int, timeout: float = 5.0) -> list[tupl
     deadline = time.monotonic() + timeout
     sock.settimeout(0.2)
     while len(got) < count and time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(TimeoutError):
             got.append(sock.recvfrom(4096))
-        except TimeoutError:
-            pass
     return got
 
 
@@ -213,14 +212,7 @@ def test_stop_leaves_no_process_and_no_shared_memory(tmp_path):
     assert all(os.path.exists(f"/dev/shm/{n}") for n in relay.shm_names)
     relay.stop()
     for pid in pids:
-        wait_for(
-            lambda p=pid: (
-                not os.path.exists(f"/proc/{p}")
-                or open(f"/proc/{p}/stat").read().split(") ")[1][0] == "Z"
-            ),
-            5,
-            what=f"pid {pid} gone",
-        )
+        wait_for(lambda p=pid: not alive(p), 5, what=f"pid {pid} gone")
     assert not any(os.path.exists(f"/dev/shm/{n}") for n in relay.shm_names)
     assert not (tmp_path / f"relay-{relay.port}.sock").exists()
     assert not (tmp_path / f"relay-{relay.port}.pid").exists()

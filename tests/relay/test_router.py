@@ -21,7 +21,9 @@ CLIENT = ("198.51.100.7", 40000)
 
 def binding(transceiver, cluster=0, keys=KEYS):
     token = keys.seal(cluster, transceiver)
-    return stun.build(stun.BINDING_REQUEST, os.urandom(12), [(stun.ATTR_USERNAME, f"{token}:c".encode())])
+    return stun.build(
+        stun.BINDING_REQUEST, os.urandom(12), [(stun.ATTR_USERNAME, f"{token}:c".encode())]
+    )
 
 
 @pytest.fixture
@@ -38,7 +40,10 @@ def test_first_stun_opens_a_flow_and_media_follows_it(table):
     assert router.drops["unknown_flow"] == 1
     dest, env = router.from_client(binding(T1), CLIENT, 0.0)
     assert dest == T1 and envelope.unpack_header(env) == CLIENT
-    assert router.from_client(b"\x80media", CLIENT, 0.1) == (T1, envelope.pack(CLIENT, b"\x80media"))
+    assert router.from_client(b"\x80media", CLIENT, 0.1) == (
+        T1,
+        envelope.pack(CLIENT, b"\x80media"),
+    )
     assert router.from_client(b"\x17dtls", CLIENT, 0.1)[0] == T1
     assert table.lookup(CLIENT)[1].transceiver == T1
 
@@ -46,7 +51,10 @@ def test_first_stun_opens_a_flow_and_media_follows_it(table):
 def test_return_path_only_for_the_bound_transceiver(table):
     router = RelayRouter(KEYS, table, 0)
     router.from_client(binding(T1), CLIENT, 0.0)
-    assert router.from_transceiver(envelope.pack(CLIENT, b"\x80back"), T1, 0.1) == (CLIENT, b"\x80back")
+    assert router.from_transceiver(envelope.pack(CLIENT, b"\x80back"), T1, 0.1) == (
+        CLIENT,
+        b"\x80back",
+    )
     assert router.from_transceiver(envelope.pack(CLIENT, b"\x80spoof"), T2, 0.1) is None
     assert router.drops["return_wrong_transceiver"] == 1
     assert router.from_transceiver(envelope.pack(("203.0.113.1", 1), b"x"), T1, 0.1) is None

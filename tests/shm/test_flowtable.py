@@ -17,7 +17,9 @@ from voicerelay.shm.counters import CounterArray
 from voicerelay.shm.flowtable import SLOT_SIZE, FlowTable, TableFull
 
 CAPACITY = 8
-clients = st.tuples(st.sampled_from(["10.0.0.1", "10.0.0.2", "::1", "2001:db8::7"]), st.integers(1, 4))
+clients = st.tuples(
+    st.sampled_from(["10.0.0.1", "10.0.0.2", "::1", "2001:db8::7"]), st.integers(1, 4)
+)
 transceivers = st.tuples(st.sampled_from(["127.0.0.1", "::1"]), st.integers(5000, 5002))
 
 

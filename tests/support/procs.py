@@ -162,6 +162,11 @@ class RelayProcess:
         self.cleanup()
 
 
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as gone)."""
+    return _alive(pid)
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

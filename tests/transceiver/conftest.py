@@ -15,22 +15,49 @@ CLIENT = ("198.51.100.2", 50000)
 class Pair:
     """Moves datagrams between the two sessions; `drop` filters what is lost on the way."""
 
-    def __init__(self, config: SessionConfig | None = None, *, server_dtls: str = "server",
-                 lie_about_fingerprint: bool = False) -> None:
+    def __init__(
+        self,
+        config: SessionConfig | None = None,
+        *,
+        server_dtls: str = "server",
+        lie_about_fingerprint: bool = False,
+    ) -> None:
         self.client_cert, self.server_cert = Certificate.generate(), Certificate.generate()
         self.now = 0.0
         cfg = config or SessionConfig()
-        advertised = Certificate.generate().fingerprint if lie_about_fingerprint else self.client_cert.fingerprint
-        self.server = Session(ice_role="lite", local_ufrag="SRVR", local_pwd="s" * 22,
-                              remote_ufrag="CLNT", remote_pwd="c" * 22, dtls_role=server_dtls,
-                              certificate=self.server_cert, remote_fingerprint=advertised,
-                              now=0.0, app=EchoApp(4242), config=cfg, ssrc=4242)
-        self.client = Session(ice_role="controlling", local_ufrag="CLNT", local_pwd="c" * 22,
-                              remote_ufrag="SRVR", remote_pwd="s" * 22,
-                              dtls_role="client" if server_dtls == "server" else "server",
-                              certificate=self.client_cert,
-                              remote_fingerprint=self.server_cert.fingerprint, now=0.0,
-                              config=cfg, remote_addr=SERVER, ssrc=1111)
+        advertised = (
+            Certificate.generate().fingerprint
+            if lie_about_fingerprint
+            else self.client_cert.fingerprint
+        )
+        self.server = Session(
+            ice_role="lite",
+            local_ufrag="SRVR",
+            local_pwd="s" * 22,
+            remote_ufrag="CLNT",
+            remote_pwd="c" * 22,
+            dtls_role=server_dtls,
+            certificate=self.server_cert,
+            remote_fingerprint=advertised,
+            now=0.0,
+            app=EchoApp(4242),
+            config=cfg,
+            ssrc=4242,
+        )
+        self.client = Session(
+            ice_role="controlling",
+            local_ufrag="CLNT",
+            local_pwd="c" * 22,
+            remote_ufrag="SRVR",
+            remote_pwd="s" * 22,
+            dtls_role="client" if server_dtls == "server" else "server",
+            certificate=self.client_cert,
+            remote_fingerprint=self.server_cert.fingerprint,
+            now=0.0,
+            config=cfg,
+            remote_addr=SERVER,
+            ssrc=1111,
+        )
         self.drop = lambda data, to_server: False
         self.client_events: list = []
         self.server_events: list = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from hypothesis import given
@@ -57,9 +58,16 @@ def test_a_chromium_offer_parses_and_gets_an_ice_lite_answer():
     assert (offer.ice_ufrag, offer.setup, offer.mid, offer.opus_pt) == ("Ab3d", "actpass", "0", 111)
     assert offer.ssrc == 3735928559 and offer.opus_fmtp == "minptime=10;useinbandfec=1"
     assert sdp.answer_dtls_role(offer) == "server"
-    answer = sdp.build_answer(offer, ice_ufrag="TOKEN", ice_pwd="p" * 24,
-                              fingerprint="sha-256 AA:BB", dtls_role="server",
-                              candidate=("127.0.0.1", 3478), ssrc=7, cname="x")
+    answer = sdp.build_answer(
+        offer,
+        ice_ufrag="TOKEN",
+        ice_pwd="p" * 24,
+        fingerprint="sha-256 AA:BB",
+        dtls_role="server",
+        candidate=("127.0.0.1", 3478),
+        ssrc=7,
+        cname="x",
+    )
     assert "a=ice-lite" in answer and "a=setup:passive" in answer
     assert "m=audio 3478 UDP/TLS/RTP/SAVPF 111\r\n" in answer
     assert answer.count("a=candidate:") == 1 and "a=end-of-candidates" in answer
@@ -68,14 +76,17 @@ def test_a_chromium_offer_parses_and_gets_an_ice_lite_answer():
     assert parsed.candidate == ("127.0.0.1", 3478) and parsed.ice_lite
 
 
-@pytest.mark.parametrize(("mutate", "message"), [
-    (lambda s: "hello", "v=0"),
-    (lambda s: s.replace("m=audio", "m=video"), "no audio"),
-    (lambda s: s.replace("opus/48000/2", "PCMU/8000"), "Opus"),
-    (lambda s: s.replace("a=fingerprint", "a=x-fingerprint"), "fingerprint"),
-    (lambda s: s.replace("a=ice-pwd", "a=x-pwd"), "ice-ufrag"),
-    (lambda s: s.replace("a=setup:actpass", "a=setup:holdconn"), "setup"),
-])
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda s: "hello", "v=0"),
+        (lambda s: s.replace("m=audio", "m=video"), "no audio"),
+        (lambda s: s.replace("opus/48000/2", "PCMU/8000"), "Opus"),
+        (lambda s: s.replace("a=fingerprint", "a=x-fingerprint"), "fingerprint"),
+        (lambda s: s.replace("a=ice-pwd", "a=x-pwd"), "ice-ufrag"),
+        (lambda s: s.replace("a=setup:actpass", "a=setup:holdconn"), "setup"),
+    ],
+)
 def test_bad_offers_say_what_is_wrong(mutate, message):
     with pytest.raises(sdp.SdpError, match=message):
         sdp.parse_offer(mutate(CHROME_OFFER))
@@ -83,18 +94,27 @@ def test_bad_offers_say_what_is_wrong(mutate, message):
 
 @given(st.text(max_size=400))
 def test_parse_offer_raises_only_sdp_error(text):
-    try:
+    with contextlib.suppress(sdp.SdpError):
         sdp.parse_offer(text)
-    except sdp.SdpError:
-        pass
 
 
-@given(st.text(alphabet="abcdefXYZ0123+/", min_size=4, max_size=32),
-       st.text(alphabet="abcdefXYZ0123+/", min_size=22, max_size=40), st.integers(0, 2**32 - 1),
-       st.integers(96, 127))
+@given(
+    st.text(alphabet="abcdefXYZ0123+/", min_size=4, max_size=32),
+    st.text(alphabet="abcdefXYZ0123+/", min_size=22, max_size=40),
+    st.integers(0, 2**32 - 1),
+    st.integers(96, 127),
+)
 def test_build_offer_round_trips(ufrag, pwd, ssrc, pt):
-    offer = sdp.parse_offer(sdp.build_offer(ice_ufrag=ufrag, ice_pwd=pwd, fingerprint="sha-256 ab:cd",
-                                            ssrc=ssrc, cname="c", opus_pt=pt))
+    offer = sdp.parse_offer(
+        sdp.build_offer(
+            ice_ufrag=ufrag,
+            ice_pwd=pwd,
+            fingerprint="sha-256 ab:cd",
+            ssrc=ssrc,
+            cname="c",
+            opus_pt=pt,
+        )
+    )
     assert (offer.ice_ufrag, offer.ice_pwd, offer.ssrc, offer.opus_pt) == (ufrag, pwd, ssrc, pt)
     assert offer.fingerprint == "sha-256 AB:CD"
 
@@ -112,9 +132,16 @@ def test_aiortc_offer_parses_and_aiortc_accepts_our_answer():
         pc.createDataChannel("chat")  # an extra section we must reject cleanly
         await pc.setLocalDescription(await pc.createOffer())
         offer = sdp.parse_offer(pc.localDescription.sdp)
-        answer = sdp.build_answer(offer, ice_ufrag="TOKENabc", ice_pwd="p" * 24,
-                                  fingerprint="sha-256 " + ":".join(["AB"] * 32), dtls_role="server",
-                                  candidate=("127.0.0.1", 3478), ssrc=99, cname="x")
+        answer = sdp.build_answer(
+            offer,
+            ice_ufrag="TOKENabc",
+            ice_pwd="p" * 24,
+            fingerprint="sha-256 " + ":".join(["AB"] * 32),
+            dtls_role="server",
+            candidate=("127.0.0.1", 3478),
+            ssrc=99,
+            cname="x",
+        )
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
         directions = [t.currentDirection for t in pc.getTransceivers()]
         await pc.close()
@@ -126,10 +153,18 @@ def test_aiortc_offer_parses_and_aiortc_accepts_our_answer():
 
 
 rtp_packets = st.builds(
-    RtpPacket, st.integers(0, 127), st.integers(0, 0xFFFF), st.integers(0, 2**32 - 1),
-    st.integers(0, 2**32 - 1), st.binary(max_size=200), st.booleans(),
+    RtpPacket,
+    st.integers(0, 127),
+    st.integers(0, 0xFFFF),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1),
+    st.binary(max_size=200),
+    st.booleans(),
     st.lists(st.integers(0, 2**32 - 1), max_size=15),
-    st.none() | st.tuples(st.integers(0, 0xFFFF), st.binary(max_size=12).map(lambda b: b + b"\0" * (-len(b) % 4))),
+    st.none()
+    | st.tuples(
+        st.integers(0, 0xFFFF), st.binary(max_size=12).map(lambda b: b + b"\0" * (-len(b) % 4))
+    ),
 )
 
 
@@ -141,20 +176,27 @@ def test_rtp_round_trips(packet):
 @given(st.binary(max_size=80))
 def test_rtp_and_rtcp_parsers_raise_only_rtp_error(data):
     for parser in (parse_rtp, parse_rtcp):
-        try:
+        with contextlib.suppress(RtpError):
             parser(data)
-        except RtpError:
-            pass
 
 
-blocks = st.builds(ReportBlock, st.integers(0, 2**32 - 1), st.integers(0, 255),
-                   st.integers(-(2**23), 2**23 - 1), st.integers(0, 2**32 - 1),
-                   st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
+blocks = st.builds(
+    ReportBlock,
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 255),
+    st.integers(-(2**23), 2**23 - 1),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1),
+)
 
 
 @given(st.integers(0, 2**32 - 1), st.lists(blocks, max_size=5), st.integers(0, 2**64 - 1))
 def test_reports_round_trip(ssrc, reports, ntp):
-    rr, sr = parse_rtcp(build_receiver_report(ssrc, reports) + build_sender_report(ssrc, ntp, 1, 2, 3, reports))
+    rr, sr = parse_rtcp(
+        build_receiver_report(ssrc, reports) + build_sender_report(ssrc, ntp, 1, 2, 3, reports)
+    )
     assert (rr.packet_type, rr.ssrc, rr.reports) == (RTCP_RR, ssrc, reports)
     assert (sr.packet_type, sr.ntp, sr.packet_count, sr.reports) == (RTCP_SR, ntp, 2, reports)
 

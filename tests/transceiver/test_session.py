@@ -27,10 +27,13 @@ def talk(pair: Pair, packets: int = 20) -> list:
     return [parse_rtp(e.packet) for e in pair.client_events if isinstance(e, RtpReceived)]
 
 
-@pytest.mark.parametrize(("profiles", "name"), [
-    (b"SRTP_AEAD_AES_128_GCM", "AEAD_AES_128_GCM"),
-    (b"SRTP_AES128_CM_SHA1_80", "AES_CM_128_HMAC_SHA1_80"),
-])
+@pytest.mark.parametrize(
+    ("profiles", "name"),
+    [
+        (b"SRTP_AEAD_AES_128_GCM", "AEAD_AES_128_GCM"),
+        (b"SRTP_AES128_CM_SHA1_80", "AES_CM_128_HMAC_SHA1_80"),
+    ],
+)
 def test_echo_over_each_srtp_profile(profiles, name):
     pair = Pair(SessionConfig(srtp_profiles=profiles))
     secure(pair)
@@ -56,9 +59,16 @@ def test_nomination_follows_the_authenticated_use_candidate_check(pair):
 def test_wrong_integrity_and_username_get_no_answer(pair):
     secure(pair)
     for key, user in ((b"wrong" * 5, b"SRVR:CLNT"), (b"s" * 22, b"SRVR:OTHER")):
-        pair.server.receive(stun.build(stun.BINDING_REQUEST, os.urandom(12),
-                                       [(stun.ATTR_USERNAME, user)], integrity_key=key),
-                            ("203.0.113.9", 1), pair.now)
+        pair.server.receive(
+            stun.build(
+                stun.BINDING_REQUEST,
+                os.urandom(12),
+                [(stun.ATTR_USERNAME, user)],
+                integrity_key=key,
+            ),
+            ("203.0.113.9", 1),
+            pair.now,
+        )
         assert pair.server.datagrams_to_send() == []
     counters = pair.server.stats
     assert counters["ice_bad_integrity"] == 1 and counters["ice_bad_username"] == 1
@@ -75,12 +85,14 @@ def test_fingerprint_mismatch_closes_the_session():
 def test_consent_expiry_closes_a_silent_peer():
     pair = Pair(SessionConfig(consent_timeout=2.0, consent_interval=0.5))
     secure(pair)
-    pair.run_until(lambda: False if pair.now < 5 else True, seconds=6)  # checks keep it alive
+    pair.run_until(lambda: not pair.now < 5, seconds=6)  # checks keep it alive
     assert pair.server.state == "secure"
     pair.drop = lambda data, to_server: to_server  # the client vanishes
     pair.run_until(lambda: pair.server.state == "closed", seconds=3)
     assert pair.server.close_reason == "consent-expired"
-    assert any(isinstance(e, SessionClosed) and e.reason == "consent-expired" for e in pair.server_events)
+    assert any(
+        isinstance(e, SessionClosed) and e.reason == "consent-expired" for e in pair.server_events
+    )
 
 
 def test_close_sends_close_notify(pair):
@@ -132,8 +144,12 @@ mutations = st.one_of(
 )
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(garbage=st.lists(mutations, max_size=10), source=st.sampled_from([CLIENT, ("203.0.113.5", 9)]))
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    garbage=st.lists(mutations, max_size=10), source=st.sampled_from([CLIENT, ("203.0.113.5", 9)])
+)
 def test_garbage_never_raises_and_the_call_keeps_working(garbage, source):
     pair = Pair()
     secure(pair)

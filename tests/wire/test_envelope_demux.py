@@ -10,7 +10,9 @@ from voicerelay.wire import envelope
 from voicerelay.wire.addr import canonical
 from voicerelay.wire.demux import PacketKind, classify, is_rtcp
 
-addresses = st.tuples(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).map(str), st.integers(0, 65535))
+addresses = st.tuples(
+    st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).map(str), st.integers(0, 65535)
+)
 
 
 @given(addresses, st.binary(max_size=1500))
@@ -30,8 +32,12 @@ def test_unpack_raises_only_envelope_error(data):
 
 def test_each_error_reason():
     good = envelope.pack(("192.0.2.1", 5), b"x")
-    cases = {"short": good[:10], "magic": b"XX" + good[2:], "version": good[:2] + b"\x09" + good[3:],
-             "family": good[:3] + b"\x05" + good[4:]}
+    cases = {
+        "short": good[:10],
+        "magic": b"XX" + good[2:],
+        "version": good[:2] + b"\x09" + good[3:],
+        "family": good[:3] + b"\x05" + good[4:],
+    }
     for reason, data in cases.items():
         with pytest.raises(envelope.EnvelopeError) as exc:
             envelope.unpack(data)

@@ -13,8 +13,15 @@ from voicerelay.wire import stun
 
 tids = st.binary(min_size=12, max_size=12)
 attr_values = st.binary(max_size=64)
-attributes = st.lists(st.tuples(st.integers(0x0001, 0x7FFF).filter(
-    lambda t: t not in (stun.ATTR_MESSAGE_INTEGRITY, stun.ATTR_FINGERPRINT)), attr_values), max_size=6)
+attributes = st.lists(
+    st.tuples(
+        st.integers(0x0001, 0x7FFF).filter(
+            lambda t: t not in (stun.ATTR_MESSAGE_INTEGRITY, stun.ATTR_FINGERPRINT)
+        ),
+        attr_values,
+    ),
+    max_size=6,
+)
 ipv4 = st.ip_addresses(v=4).map(str)
 ipv6 = st.ip_addresses(v=6).map(str)
 ports = st.integers(0, 65535)
@@ -44,17 +51,24 @@ def test_build_then_parse_round_trips(msg_type, tid, attrs, key, fingerprint):
 
 @given(tids, attributes, st.binary(min_size=1, max_size=20), st.data())
 def test_flipping_any_bit_breaks_integrity_or_parsing(tid, attrs, key, data):
-    message = bytearray(stun.build(stun.BINDING_REQUEST, tid, attrs, integrity_key=key, fingerprint=False))
+    message = bytearray(
+        stun.build(stun.BINDING_REQUEST, tid, attrs, integrity_key=key, fingerprint=False)
+    )
     bit = data.draw(st.integers(0, len(message) * 8 - 1))
     message[bit // 8] ^= 1 << (bit % 8)
     assert not stun.verify_integrity(bytes(message), key)
 
 
-@given(tids, st.text(alphabet="ABCDabcd0123+/", min_size=1, max_size=60),
-       st.text(alphabet="xyz", min_size=0, max_size=8), attributes)
+@given(
+    tids,
+    st.text(alphabet="ABCDabcd0123+/", min_size=1, max_size=60),
+    st.text(alphabet="xyz", min_size=0, max_size=8),
+    attributes,
+)
 def test_fast_path_matches_a_full_parse(tid, server, client, attrs):
-    data = stun.build(stun.BINDING_REQUEST, tid,
-                      [*attrs, (stun.ATTR_USERNAME, f"{server}:{client}".encode())])
+    data = stun.build(
+        stun.BINDING_REQUEST, tid, [*attrs, (stun.ATTR_USERNAME, f"{server}:{client}".encode())]
+    )
     username = stun.parse(data).username
     expected = username.split(":", 1)[0].encode()
     assert stun.binding_server_ufrag(data) == expected
@@ -62,13 +76,18 @@ def test_fast_path_matches_a_full_parse(tid, server, client, attrs):
 
 @given(st.binary(max_size=120))
 def test_fast_path_never_raises(data):
-    assert stun.binding_server_ufrag(data) in (None,) or isinstance(stun.binding_server_ufrag(data), bytes)
+    assert stun.binding_server_ufrag(data) in (None,) or isinstance(
+        stun.binding_server_ufrag(data), bytes
+    )
 
 
 def test_fast_path_ignores_responses_and_indications():
     tid = os.urandom(12)
     for msg_type in (stun.BINDING_SUCCESS, stun.BINDING_INDICATION, stun.BINDING_ERROR):
-        assert stun.binding_server_ufrag(stun.build(msg_type, tid, [(stun.ATTR_USERNAME, b"a:b")])) is None
+        assert (
+            stun.binding_server_ufrag(stun.build(msg_type, tid, [(stun.ATTR_USERNAME, b"a:b")]))
+            is None
+        )
 
 
 @given(st.one_of(ipv4, ipv6), ports, tids)
@@ -90,13 +109,18 @@ def test_malformed_attribute_values_raise_stun_error():
 
 def test_aioice_accepts_what_we_build():
     tid = os.urandom(12)
-    data = stun.build(stun.BINDING_REQUEST, tid, [
-        (stun.ATTR_USERNAME, b"srv:cli"),
-        (stun.ATTR_PRIORITY, stun.encode_u32(1234)),
-        (stun.ATTR_ICE_CONTROLLING, stun.encode_u64(99)),
-        (stun.ATTR_USE_CANDIDATE, b""),
-        (stun.ATTR_XOR_MAPPED_ADDRESS, stun.encode_xor_address(("2001:db8::1", 4000), tid)),
-    ], integrity_key=b"password")
+    data = stun.build(
+        stun.BINDING_REQUEST,
+        tid,
+        [
+            (stun.ATTR_USERNAME, b"srv:cli"),
+            (stun.ATTR_PRIORITY, stun.encode_u32(1234)),
+            (stun.ATTR_ICE_CONTROLLING, stun.encode_u64(99)),
+            (stun.ATTR_USE_CANDIDATE, b""),
+            (stun.ATTR_XOR_MAPPED_ADDRESS, stun.encode_xor_address(("2001:db8::1", 4000), tid)),
+        ],
+        integrity_key=b"password",
+    )
     theirs = aioice_stun.parse_message(data)
     assert theirs.transaction_id == tid
     assert theirs.attributes["USERNAME"] == "srv:cli"
@@ -108,8 +132,9 @@ def test_aioice_accepts_what_we_build():
 
 
 def test_we_accept_what_aioice_builds():
-    msg = aioice_stun.Message(message_method=aioice_stun.Method.BINDING,
-                              message_class=aioice_stun.Class.REQUEST)
+    msg = aioice_stun.Message(
+        message_method=aioice_stun.Method.BINDING, message_class=aioice_stun.Class.REQUEST
+    )
     msg.attributes["USERNAME"] = "token123:client"
     msg.attributes["PRIORITY"] = 77
     msg.attributes["XOR-MAPPED-ADDRESS"] = ("192.0.2.7", 5060)
@@ -119,6 +144,9 @@ def test_we_accept_what_aioice_builds():
     ours = stun.parse(data)
     assert ours.username == "token123:client"
     assert stun.decode_u32(ours.get(stun.ATTR_PRIORITY)) == 77
-    assert stun.decode_xor_address(ours.get(stun.ATTR_XOR_MAPPED_ADDRESS), ours.transaction_id) == ("192.0.2.7", 5060)
+    assert stun.decode_xor_address(ours.get(stun.ATTR_XOR_MAPPED_ADDRESS), ours.transaction_id) == (
+        "192.0.2.7",
+        5060,
+    )
     assert stun.verify_integrity(data, b"pw") and stun.verify_fingerprint(data)
     assert stun.binding_server_ufrag(data) == b"token123"

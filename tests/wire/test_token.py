@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from voicerelay.wire.token import TokenError, TokenKeys, load_keys, write_new_secret
 
 KEYS = TokenKeys({1: b"k" * 32}, 1)
-addresses = st.tuples(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).map(str), st.integers(0, 65535))
+addresses = st.tuples(
+    st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).map(str), st.integers(0, 65535)
+)
 ICE_CHARS = re.compile(r"[A-Za-z0-9+/]{4,256}")
 
 

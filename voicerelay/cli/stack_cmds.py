@@ -23,38 +23,95 @@ def _start_relay_child(config: RelayConfig, timeout: float = 15.0) -> subprocess
     with open(config.log_file, "ab") as log:
         child = subprocess.Popen(
             [sys.executable, "-m", "voicerelay.relay.launcher", launcher.config_to_json(config)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent)
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
     deadline = time.monotonic() + timeout
     while not control.is_running(config):
         if child.poll() is not None:
             raise ConfigError(launcher._failure_line(config.log_file, child.returncode))
         if time.monotonic() > deadline:
             child.kill()
-            raise ConfigError(f"relay did not come up within {timeout:.0f} s: see {config.log_file}")
+            raise ConfigError(
+                f"relay did not come up within {timeout:.0f} s: see {config.log_file}"
+            )
         time.sleep(0.02)
     return child
 
 
 @click.command()
-@click.option("--host", envvar="VOICERELAY_HOST", default="127.0.0.1", show_default=True,
-              help="Address everything binds to (clients must reach it).")
-@click.option("--public-port", envvar="VOICERELAY_PUBLIC_PORT", type=int, default=3478,
-              show_default=True, help="The relay's public UDP port.")
-@click.option("--internal-port-base", envvar="VOICERELAY_INTERNAL_PORT_BASE", type=int, default=4000,
-              show_default=True, help="First of the relay workers' internal UDP ports.")
-@click.option("--transceiver-port", envvar="VOICERELAY_TRANSCEIVER_PORT", type=int, default=5000,
-              show_default=True, help="The transceiver's internal UDP port.")
-@click.option("--http-port", envvar="VOICERELAY_HTTP_PORT", type=int, default=8080,
-              show_default=True, help="Signaling and demo page (HTTP).")
-@click.option("--workers", envvar="VOICERELAY_WORKERS", type=int, default=None,
-              help="Relay workers [default: one per core].")
-@click.option("--state-dir", envvar="VOICERELAY_STATE_DIR", type=click.Path(path_type=Path),
-              default=None, help="Secret and snapshot [default: ~/.local/state/voicerelay].")
-@click.option("--consent-timeout", type=float, default=30.0, show_default=True,
-              help="Seconds of silence before the transceiver ends a call.")
-def up(host: str, public_port: int, internal_port_base: int, transceiver_port: int,
-       http_port: int, workers: int | None, state_dir: Path | None, consent_timeout: float) -> None:
+@click.option(
+    "--host",
+    envvar="VOICERELAY_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address everything binds to (clients must reach it).",
+)
+@click.option(
+    "--public-port",
+    envvar="VOICERELAY_PUBLIC_PORT",
+    type=int,
+    default=3478,
+    show_default=True,
+    help="The relay's public UDP port.",
+)
+@click.option(
+    "--internal-port-base",
+    envvar="VOICERELAY_INTERNAL_PORT_BASE",
+    type=int,
+    default=4000,
+    show_default=True,
+    help="First of the relay workers' internal UDP ports.",
+)
+@click.option(
+    "--transceiver-port",
+    envvar="VOICERELAY_TRANSCEIVER_PORT",
+    type=int,
+    default=5000,
+    show_default=True,
+    help="The transceiver's internal UDP port.",
+)
+@click.option(
+    "--http-port",
+    envvar="VOICERELAY_HTTP_PORT",
+    type=int,
+    default=8080,
+    show_default=True,
+    help="Signaling and demo page (HTTP).",
+)
+@click.option(
+    "--workers",
+    envvar="VOICERELAY_WORKERS",
+    type=int,
+    default=None,
+    help="Relay workers [default: one per core].",
+)
+@click.option(
+    "--state-dir",
+    envvar="VOICERELAY_STATE_DIR",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Secret and snapshot [default: ~/.local/state/voicerelay].",
+)
+@click.option(
+    "--consent-timeout",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds of silence before the transceiver ends a call.",
+)
+def up(
+    host: str,
+    public_port: int,
+    internal_port_base: int,
+    transceiver_port: int,
+    http_port: int,
+    workers: int | None,
+    state_dir: Path | None,
+    consent_timeout: float,
+) -> None:
     """Start the local voice stack and print where to talk to it. Ctrl-C stops everything."""
     import uvloop
 
@@ -64,15 +121,26 @@ def up(host: str, public_port: int, internal_port_base: int, transceiver_port: i
     from voicerelay.transceiver.signaling import Transceiver
 
     state = state_dir or default_state_dir()
-    relay_config = RelayConfig(listen_host=host, listen_port=public_port, internal_host=host,
-                               internal_port_base=internal_port_base, state_dir=state,
-                               **({"workers": workers} if workers else {}))
-    tx_config = TransceiverConfig(internal=(host, transceiver_port), http=(host, http_port),
-                                  relay_public=(host, public_port), state_dir=state,
-                                  consent_timeout=consent_timeout)
+    relay_config = RelayConfig(
+        listen_host=host,
+        listen_port=public_port,
+        internal_host=host,
+        internal_port_base=internal_port_base,
+        state_dir=state,
+        **({"workers": workers} if workers else {}),
+    )
+    tx_config = TransceiverConfig(
+        internal=(host, transceiver_port),
+        http=(host, http_port),
+        relay_public=(host, public_port),
+        state_dir=state,
+        consent_timeout=consent_timeout,
+    )
     if control.is_running(relay_config):
-        raise ConfigError(f"a relay already runs on port {public_port}: stop it with `relayctl stop "
-                          f"--listen {host}:{public_port}` or choose --public-port")
+        raise ConfigError(
+            f"a relay already runs on port {public_port}: stop it with `relayctl stop "
+            f"--listen {host}:{public_port}` or choose --public-port"
+        )
     check_port_free(host, public_port, "public port", "--public-port")
     for i in range(relay_config.workers):
         check_port_free(host, internal_port_base + i, "internal port", "--internal-port-base")
@@ -92,10 +160,14 @@ def up(host: str, public_port: int, internal_port_base: int, transceiver_port: i
             loop.add_signal_handler(sig, stop.set)
         url_host = f"[{host}]" if ":" in host else host
         click.echo(f"voicerelay is up: open http://{url_host}:{node.http_addr[1]}/ and press Talk")
-        click.echo(f"  relay {host}:{public_port} ({relay_config.workers} workers), "
-                   f"transceiver {host}:{transceiver_port}, state {relay_config.state_dir}")
-        click.echo(f"  try `relayctl call http://{url_host}:{node.http_addr[1]}`; "
-                   "`relayctl stats` shows the relay; Ctrl-C stops everything")
+        click.echo(
+            f"  relay {host}:{public_port} ({relay_config.workers} workers), "
+            f"transceiver {host}:{transceiver_port}, state {relay_config.state_dir}"
+        )
+        click.echo(
+            f"  try `relayctl call http://{url_host}:{node.http_addr[1]}`; "
+            "`relayctl stats` shows the relay; Ctrl-C stops everything"
+        )
         try:
             await stop.wait()
         finally:
@@ -124,7 +196,9 @@ def _check_tcp_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise ConfigError(f"HTTP port {host}:{port} is in use ({exc.strerror}): choose another with --http-port") from None
+            raise ConfigError(
+                f"HTTP port {host}:{port} is in use ({exc.strerror}): choose another with --http-port"
+            ) from None
 
 
 commands: list[click.Command] = [up]

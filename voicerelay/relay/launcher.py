@@ -232,7 +232,7 @@ class Launcher:
                     "pid": s.process.pid if s.process else None,
                     "alive": bool(s.process and s.process.is_alive()),
                     "restarts": s.restarts,
-                    "internal": "%s:%d" % self.config.internal_addr(s.index),
+                    "internal": "{}:{}".format(*self.config.internal_addr(s.index)),
                 }
                 for s in self.slots
             ],

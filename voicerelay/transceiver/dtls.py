@@ -8,6 +8,7 @@ the RFC 5764 keying material for the negotiated profile.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from dataclasses import dataclass
 
@@ -151,10 +152,8 @@ class DtlsEndpoint:
     def close(self) -> None:
         """Send close_notify (if connected) and stop."""
         if self.state == "connected":
-            try:
+            with contextlib.suppress(SSL.Error):
                 self.conn.shutdown()
-            except SSL.Error:
-                pass
             self._flush()
         self.state = "closed"
         self._timer = None
@@ -205,10 +204,8 @@ class DtlsEndpoint:
             self._fail("peer sent no certificate")
             return
         if fingerprint_of(cert.to_cryptography()) != self.remote_fingerprint:
-            try:  # tell the impostor we are done with it
+            with contextlib.suppress(SSL.Error):  # tell the impostor we are done with it
                 self.conn.shutdown()
-            except SSL.Error:
-                pass
             self._fail("fingerprint-mismatch")
             return
         name = self.conn.get_selected_srtp_profile()

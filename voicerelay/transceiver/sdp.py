@@ -168,8 +168,12 @@ def build_answer(
     """The ICE-lite, Opus-only answer, with `candidate` (the relay) as the only candidate."""
     host, port = candidate
     setup = "passive" if dtls_role == "server" else "active"
-    transport = [f"a=ice-ufrag:{ice_ufrag}", f"a=ice-pwd:{ice_pwd}", f"a=fingerprint:{fingerprint}",
-                 f"a=setup:{setup}"]
+    transport = [
+        f"a=ice-ufrag:{ice_ufrag}",
+        f"a=ice-pwd:{ice_pwd}",
+        f"a=fingerprint:{fingerprint}",
+        f"a=setup:{setup}",
+    ]
     lines = [
         "v=0",
         f"o=- {int.from_bytes(os.urandom(7), 'big')} 2 {_ip_line(host)}",

@@ -69,9 +69,9 @@ def test_200_clients_reach_their_transceiver_and_get_their_replies(relay, keys):
         for i, (sock, _) in enumerate(clients):
             replies = recv_all(sock, 1)
             assert replies == [(b"\x80reply-" + str(i).encode(), relay.public)]
-        stats = relay.stats()
-        assert stats["totals"]["flows_created"] >= 200
-        assert stats["table_flows"] >= 200
+        assert relay.stats()["table_flows"] >= 200
+        # Counters reach shared memory on the workers' 100 ms tick, not per packet.
+        wait_for(lambda: relay.stats()["totals"]["flows_created"] >= 200, 2, what="flow counters")
     finally:
         for sock, _ in clients:
             sock.close()

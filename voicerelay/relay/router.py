@@ -1,5 +1,9 @@
 """Every forwarding decision of a relay worker, as pure code (no sockets, no clock reads).
 
+Peers are raw `struct sockaddr` bytes, as the worker's batched I/O (recvmmsg/sendmmsg) sees
+them: `client_datagram` and `transceiver_datagram` are the hot path. `from_client` and
+`from_transceiver` take and return `Addr` tuples instead, for callers that think in addresses.
+
 Client -> transceiver: a known flow costs a dict lookup and one bytes concatenation of the
 flow's cached envelope header with the datagram. The first packet of a flow must be a STUN
 Binding request whose server ufrag is a routing token that opens; a non-STUN packet from an
@@ -14,11 +18,13 @@ a short timer: the hot path never writes shared memory.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from collections.abc import Iterable
 
 from voicerelay.shm.flowtable import FlowTable, ShardWriter, TableFull
 from voicerelay.wire import envelope, stun
-from voicerelay.wire.addr import Addr, canonical
+from voicerelay.wire.addr import Addr, addr_from_sockaddr, canonical, sockaddr
 from voicerelay.wire.token import TokenError, TokenKeys
 
 MAX_DATAGRAM = 1500  # client datagrams above this are not WebRTC media: dropped as oversize
@@ -32,6 +38,8 @@ DROP_REASONS = (
     "bad_token",
     "foreign_cluster",
     "table_full",
+    "transceiver_unreachable",
+    "send_failed",
     "envelope_malformed",
     "envelope_version",
     "return_no_flow",
@@ -54,12 +62,24 @@ COUNTER_FIELDS: tuple[str, ...] = (
 class LocalFlow:
     """A flow as this worker sees it: where it goes, its cached header, unflushed activity."""
 
-    __slots__ = ("client", "transceiver", "header", "ufrag", "slot", "packets_in", "packets_out")
+    __slots__ = (
+        "client",
+        "transceiver",
+        "peer",
+        "transceiver_peer",
+        "header",
+        "ufrag",
+        "slot",
+        "packets_in",
+        "packets_out",
+    )
 
     def __init__(
         self,
         client: Addr,
         transceiver: Addr,
+        peer: bytes,
+        transceiver_peer: bytes,
         slot: int,
         ufrag: bytes = b"",
         packets_in: int = 0,
@@ -67,6 +87,8 @@ class LocalFlow:
     ) -> None:
         self.client = client
         self.transceiver = transceiver
+        self.peer = peer  # the client's sockaddr on the public socket
+        self.transceiver_peer = transceiver_peer  # the transceiver's, on the internal socket
         self.header = envelope.pack_header(client)
         self.ufrag = ufrag
         self.slot = slot
@@ -87,8 +109,12 @@ class RelayRouter:
         idle_timeout: float = 30.0,
         cluster_routes: dict[int, Addr] | None = None,
         expire_interval: float = 0.1,
+        public_family: int = socket.AF_INET,
+        internal_family: int = socket.AF_INET,
     ) -> None:
         self.keys = keys
+        self.public_family = public_family
+        self.internal_family = internal_family
         self.table = table
         self.shard_index = shard
         self.writer: ShardWriter = table.shard(shard)
@@ -99,6 +125,7 @@ class RelayRouter:
         ticks = max(1.0, idle_timeout / 2 / expire_interval)
         self.expire_budget = max(64, int(table.capacity / ticks) + 1)
         self.flows: dict[Addr, LocalFlow] = {}
+        self.by_peer: dict[bytes, LocalFlow] = {}
         self.by_header: dict[bytes, LocalFlow] = {}
         self.dirty: set[LocalFlow] = set()
         self.packets_in = self.bytes_in = self.packets_out = self.bytes_out = 0
@@ -107,30 +134,46 @@ class RelayRouter:
         )
         self.drops = dict.fromkeys(DROP_REASONS, 0)
         for record in table.records(shard):
-            self._remember(
-                record.client, record.transceiver, b"", self.writer.get(record.client)[0]
-            )  # type: ignore[index]
+            found = self.writer.get(record.client)
+            if found is not None and self._reachable(record.transceiver):
+                with contextlib.suppress(ValueError):  # a client of the other family
+                    self._remember(record.client, record.transceiver, b"", found[0])
 
     # Client -> transceiver ------------------------------------------------------------------
-    def from_client(self, data: bytes, client: Addr, now: float) -> tuple[Addr, bytes] | None:
-        """Where a client's datagram goes (transceiver, envelope), or None if dropped."""
-        flow = self.flows.get(client)
+    def client_datagram(self, data: bytes, peer: bytes, now: float) -> tuple[bytes, bytes] | None:
+        """Where a client's datagram goes: (transceiver sockaddr, envelope), or None if dropped.
+
+        `peer` is the client's sockaddr as the public socket reported it."""
+        flow = self.by_peer.get(peer)
         n = len(data)
         if flow is not None and 0 < n <= MAX_DATAGRAM and data[0] > 3:
             flow.packets_in += 1
             self.dirty.add(flow)
             self.packets_in += 1
             self.bytes_in += n
-            return flow.transceiver, flow.header + data
-        return self._from_client_slow(data, client, flow, now)
+            return flow.transceiver_peer, flow.header + data
+        return self._client_slow(data, peer, flow, now)
 
-    def _from_client_slow(
-        self, data: bytes, client: Addr, flow: LocalFlow | None, now: float
-    ) -> tuple[Addr, bytes] | None:
+    def from_client(self, data: bytes, client: Addr, now: float) -> tuple[Addr, bytes] | None:
+        """`client_datagram` in addresses: (transceiver, envelope), or None if dropped."""
+        try:
+            peer = sockaddr(client, self.public_family)
+        except ValueError:
+            return self._drop("malformed")
+        routed = self.client_datagram(data, peer, now)
+        return None if routed is None else (addr_from_sockaddr(routed[0]), routed[1])
+
+    def _client_slow(
+        self, data: bytes, peer: bytes, flow: LocalFlow | None, now: float
+    ) -> tuple[bytes, bytes] | None:
         if not data:
             return self._drop("malformed")
         if len(data) > MAX_DATAGRAM:
             return self._drop("oversize")
+        try:
+            client = addr_from_sockaddr(peer)
+        except ValueError:
+            return self._drop("malformed")
         if data[0] <= 3:
             ufrag = stun.binding_server_ufrag(data)
             if ufrag is not None and (flow is None or ufrag != flow.ufrag):
@@ -145,7 +188,7 @@ class RelayRouter:
         self.dirty.add(flow)
         self.packets_in += 1
         self.bytes_in += len(data)
-        return flow.transceiver, flow.header + data
+        return flow.transceiver_peer, flow.header + data
 
     def _route_by_token(
         self, ufrag: bytes, client: Addr, flow: LocalFlow | None, now: float
@@ -165,6 +208,9 @@ class RelayRouter:
         if flow is not None and flow.transceiver == transceiver:
             flow.ufrag = ufrag
             return flow
+        if not self._reachable(transceiver):
+            self._drop("transceiver_unreachable")
+            return None
         try:
             slot = self.writer.put(client, transceiver, now)
         except TableFull:
@@ -187,6 +233,8 @@ class RelayRouter:
         if hit is None:
             return None
         _, record = hit
+        if not self._reachable(record.transceiver):
+            return None
         try:
             slot = self.writer.put(client, record.transceiver, now)
         except TableFull:
@@ -194,32 +242,61 @@ class RelayRouter:
         self.events["flows_adopted"] += 1
         return self._remember(client, record.transceiver, b"", slot)
 
+    def _reachable(self, transceiver: Addr) -> bool:
+        try:
+            sockaddr(transceiver, self.internal_family)
+        except ValueError:
+            return False
+        return True
+
     def _remember(self, client: Addr, transceiver: Addr, ufrag: bytes, slot: int) -> LocalFlow:
-        flow = LocalFlow(client, transceiver, slot, ufrag)
+        flow = LocalFlow(
+            client,
+            transceiver,
+            sockaddr(client, self.public_family),
+            sockaddr(transceiver, self.internal_family),
+            slot,
+            ufrag,
+        )
         self.flows[client] = flow
+        self.by_peer[flow.peer] = flow
         self.by_header[flow.header] = flow
         return flow
 
     def _forget(self, flow: LocalFlow) -> None:
         self.flows.pop(flow.client, None)
+        self.by_peer.pop(flow.peer, None)
         self.by_header.pop(flow.header, None)
         self.dirty.discard(flow)
 
     # Transceiver -> client ------------------------------------------------------------------
-    def from_transceiver(self, data: bytes, source: Addr, now: float) -> tuple[Addr, bytes] | None:
-        """Where a transceiver's envelope goes (client, datagram), or None if dropped."""
+    def transceiver_datagram(
+        self, data: bytes, peer: bytes, now: float
+    ) -> tuple[bytes, bytes] | None:
+        """Where a transceiver's envelope goes: (client sockaddr, datagram), or None if dropped.
+
+        `peer` is the transceiver's sockaddr as the internal socket reported it."""
         flow = self.by_header.get(data[:HEADER_SIZE])
-        if flow is not None and flow.transceiver == source and len(data) <= MAX_ENVELOPE:
+        if flow is not None and flow.transceiver_peer == peer and len(data) <= MAX_ENVELOPE:
             flow.packets_out += 1
             self.dirty.add(flow)
             self.packets_out += 1
             self.bytes_out += len(data) - HEADER_SIZE
-            return flow.client, data[HEADER_SIZE:]
-        return self._from_transceiver_slow(data, source, flow)
+            return flow.peer, data[HEADER_SIZE:]
+        return self._transceiver_slow(data, peer, flow)
 
-    def _from_transceiver_slow(
-        self, data: bytes, source: Addr, flow: LocalFlow | None
-    ) -> tuple[Addr, bytes] | None:
+    def from_transceiver(self, data: bytes, source: Addr, now: float) -> tuple[Addr, bytes] | None:
+        """`transceiver_datagram` in addresses: (client, datagram), or None if dropped."""
+        try:
+            peer = sockaddr(source, self.internal_family)
+        except ValueError:
+            return self._drop("envelope_malformed")
+        routed = self.transceiver_datagram(data, peer, now)
+        return None if routed is None else (addr_from_sockaddr(routed[0]), routed[1])
+
+    def _transceiver_slow(
+        self, data: bytes, peer: bytes, flow: LocalFlow | None
+    ) -> tuple[bytes, bytes] | None:
         if len(data) > MAX_ENVELOPE:
             return self._drop("oversize")
         if flow is not None:
@@ -233,11 +310,16 @@ class RelayRouter:
         hit = self.table.lookup(client)
         if hit is None:
             return self._drop("return_no_flow")
-        if canonical(hit[1].transceiver) != canonical(source):
+        try:
+            bound = sockaddr(hit[1].transceiver, self.internal_family)
+            client_peer = sockaddr(client, self.public_family)
+        except ValueError:
+            return self._drop("return_wrong_transceiver")
+        if bound != peer:
             return self._drop("return_wrong_transceiver")
         self.packets_out += 1
         self.bytes_out += len(data) - HEADER_SIZE
-        return client, data[HEADER_SIZE:]
+        return client_peer, data[HEADER_SIZE:]
 
     # Timers ---------------------------------------------------------------------------------
     def flush(self, now: float) -> int:
@@ -267,9 +349,13 @@ class RelayRouter:
             self.writer.remove(client)
 
     # Counters -------------------------------------------------------------------------------
-    def _drop(self, reason: str) -> None:
-        self.drops[reason] += 1
+    def _drop(self, reason: str, count: int = 1) -> None:
+        self.drops[reason] += count
         return None
+
+    def count_send_failures(self, count: int) -> None:
+        """Datagrams the kernel did not take (a full socket buffer): counted as drops."""
+        self._drop("send_failed", count)
 
     def counters(self) -> dict[str, int]:
         """Every counter of `COUNTER_FIELDS`, as published to shared memory."""

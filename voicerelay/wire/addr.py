@@ -7,6 +7,7 @@ from a packet and one reported by a socket compare equal. Conversions are cached
 from __future__ import annotations
 
 import socket
+import struct
 from functools import lru_cache
 
 Addr = tuple[str, int]
@@ -41,3 +42,42 @@ def canonical(addr: Addr) -> Addr:
     """The same address with its host in canonical form."""
     family, ip16 = pack_ip(addr[0])
     return (unpack_ip(family, ip16), addr[1])
+
+
+# Raw socket addresses ------------------------------------------------------------------------
+# The relay's batched I/O (recvmmsg/sendmmsg) sees peers as the kernel's `struct sockaddr`
+# bytes. They key the hot path's flow lookups directly; these convert at the edges.
+_SIN = struct.Struct("=H")  # sa_family_t, host byte order
+_PORT = struct.Struct("!H")
+SOCKADDR_IN_SIZE = 16
+SOCKADDR_IN6_SIZE = 28
+
+
+@lru_cache(maxsize=65536)
+def sockaddr(addr: Addr, family: int = socket.AF_INET) -> bytes:
+    """`struct sockaddr_in`/`sockaddr_in6` bytes for `addr` on a socket of `family`.
+
+    An IPv4 address on an AF_INET6 socket becomes IPv4-mapped, as the kernel reports it on a
+    dual-stack socket. Raises ValueError for an IPv6 address on an AF_INET socket.
+    """
+    fam, ip16 = pack_ip(addr[0])
+    port = _PORT.pack(addr[1])
+    if family == socket.AF_INET:
+        if fam != 4:
+            raise ValueError(f"{addr[0]!r} is not reachable from an IPv4 socket")
+        return _SIN.pack(socket.AF_INET) + port + ip16[12:] + bytes(8)
+    return _SIN.pack(socket.AF_INET6) + port + bytes(4) + ip16 + bytes(4)
+
+
+@lru_cache(maxsize=65536)
+def addr_from_sockaddr(raw: bytes) -> Addr:
+    """The canonical `Addr` of `struct sockaddr_in`/`sockaddr_in6` bytes; ValueError otherwise."""
+    if len(raw) < 8:
+        raise ValueError("short sockaddr")
+    (family,) = _SIN.unpack_from(raw)
+    (port,) = _PORT.unpack_from(raw, 2)
+    if family == socket.AF_INET and len(raw) >= SOCKADDR_IN_SIZE:
+        return (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
+    if family == socket.AF_INET6 and len(raw) >= SOCKADDR_IN6_SIZE:
+        return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port)
+    raise ValueError(f"unsupported sockaddr family {family}")

@@ -30,8 +30,8 @@ test: install              ## install everything, then the default suite
 test-fast: $(VENV)/.test   ## unit tests only (no processes, no browser)
 	$(PY) -m pytest -q tests/wire tests/shm tests/transceiver -m 'not browser'
 
-bench: install             ## benchmarks: print tables, write bench/results/*.json
-	$(PY) bench/run_all.py
+bench: install             ## benchmarks: print tables, write bench/results/*.json (BENCH_ARGS=--quick)
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check voicerelay tests bench

@@ -18,7 +18,6 @@ a short timer: the hot path never writes shared memory.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 from collections.abc import Iterable
 
@@ -133,11 +132,8 @@ class RelayRouter:
             ("flows_created", "flows_adopted", "flows_expired", "flows_rebound"), 0
         )
         self.drops = dict.fromkeys(DROP_REASONS, 0)
-        for record in table.records(shard):
-            found = self.writer.get(record.client)
-            if found is not None and self._reachable(record.transceiver):
-                with contextlib.suppress(ValueError):  # a client of the other family
-                    self._remember(record.client, record.transceiver, b"", found[0])
+        # Flows already in this shard (a restarted worker's) are adopted on their first packet,
+        # so starting costs the same at any table size.
 
     # Client -> transceiver ------------------------------------------------------------------
     def client_datagram(self, data: bytes, peer: bytes, now: float) -> tuple[bytes, bytes] | None:

@@ -30,6 +30,7 @@ EMPTY, USED, TOMBSTONE = 0, 1, 2
 _SEQ = struct.Struct("<I")
 _BODY = struct.Struct("<BBH16sBxH16sdII")  # from offset 4
 _COUNTERS = struct.Struct("<dII")  # from offset 44
+_LAST_SEEN = struct.Struct("<d")
 _STATE_AT, _KEY_AT, _KEY_END, _COUNTERS_AT = 4, 5, 24, 44
 _KEY = struct.Struct("<BH16s")
 _RETRIES = 64
@@ -168,7 +169,7 @@ class FlowTable:
         total = 0
         for s in shards:
             base = self.slot_offset(s, 0)
-            total += bytes(
+            total += bytes(  # one strided copy of the state bytes
                 buf[base + _STATE_AT : base + self.capacity * SLOT_SIZE : SLOT_SIZE]
             ).count(USED)
         return total
@@ -182,23 +183,44 @@ class FlowTable:
 
 
 class ShardWriter:
-    """The single writer of one shard. Keeps an in-process index key -> slot."""
+    """The single writer of one shard. It finds flows by probing its shard in shared memory
+    (no in-process index: attaching to a full shard costs one strided count, not a scan)."""
 
     def __init__(self, table: FlowTable, shard: int) -> None:
         self.table = table
         self.shard_index = shard
         self.capacity = table.capacity
         self._base = table.slot_offset(shard, 0)
-        self._index: dict[bytes, int] = {}
         self._cursor = 0
-        buf = table.buf
-        for i in range(self.capacity):
-            off = self._base + i * SLOT_SIZE
-            if buf[off + _STATE_AT] == USED:
-                self._index[bytes(buf[off + _KEY_AT : off + _KEY_END])] = i
+        self._used = table.count(shard)
 
     def __len__(self) -> int:
-        return len(self._index)
+        return self._used
+
+    def _states(self, first: int, count: int) -> bytes:
+        """The state bytes of slots first..first+count-1 (one strided copy, no Python loop)."""
+        start = self._base + first * SLOT_SIZE + _STATE_AT
+        return bytes(self.table.buf[start : start + count * SLOT_SIZE : SLOT_SIZE])
+
+    def _find(self, key: bytes) -> tuple[int, int]:
+        """(slot holding `key` or -1, first reusable slot on its probe path or -1)."""
+        cap = self.capacity
+        buf = self.table.buf
+        base = self._base
+        slot = _key_hash(key) % cap
+        reusable = -1
+        for _ in range(cap):
+            off = base + slot * SLOT_SIZE
+            state = buf[off + _STATE_AT]
+            if state == EMPTY:
+                return -1, slot if reusable < 0 else reusable
+            if state == USED:
+                if buf[off + _KEY_AT : off + _KEY_END] == key:
+                    return slot, reusable
+            elif reusable < 0:
+                reusable = slot
+            slot = (slot + 1) % cap
+        return -1, reusable
 
     def _write(
         self,
@@ -244,23 +266,14 @@ class ShardWriter:
         self, client: Addr, transceiver: Addr, now: float, packets_in: int = 0, packets_out: int = 0
     ) -> int:
         """Insert or rebind a flow; returns its slot. Raises `TableFull`."""
-        key = client_key(client)
-        slot = self._index.get(key)
-        if slot is None:
-            slot = self._free_slot(key)
-            self._index[key] = slot
+        slot, free = self._find(client_key(client))
+        if slot < 0:
+            if free < 0:
+                raise TableFull(f"shard {self.shard_index} holds {self.capacity} flows")
+            slot = free
+            self._used += 1
         self._write(slot, USED, client, transceiver, now, packets_in, packets_out)
         return slot
-
-    def _free_slot(self, key: bytes) -> int:
-        cap = self.capacity
-        start = _key_hash(key) % cap
-        buf = self.table.buf
-        for step in range(cap):
-            slot = (start + step) % cap
-            if buf[self._base + slot * SLOT_SIZE + _STATE_AT] != USED:
-                return slot
-        raise TableFull(f"shard {self.shard_index} holds {cap} flows")
 
     def touch(self, slot: int, last_seen: float, packets_in: int, packets_out: int) -> None:
         """Flush activity of a flow (called on a timer, never per packet)."""
@@ -274,21 +287,22 @@ class ShardWriter:
         _SEQ.pack_into(buf, off, (seq + 2) & 0xFFFFFFFF)
 
     def get(self, client: Addr) -> tuple[int, FlowRecord] | None:
-        slot = self._index.get(client_key(client))
-        if slot is None:
+        slot, _ = self._find(client_key(client))
+        if slot < 0:
             return None
         off = self._base + slot * SLOT_SIZE
         return slot, _decode(bytes(self.table.buf[off : off + SLOT_SIZE]))
 
     def remove(self, client: Addr) -> bool:
-        slot = self._index.pop(client_key(client), None)
-        if slot is None:
+        slot, _ = self._find(client_key(client))
+        if slot < 0:
             return False
         self._release(slot)
         return True
 
     def _release(self, slot: int) -> None:
         """Tombstone a slot; turn it (and tombstones before it) EMPTY when it ends a run."""
+        self._used -= 1
         cap = self.capacity
         buf = self.table.buf
         after = self._base + ((slot + 1) % cap) * SLOT_SIZE + _STATE_AT
@@ -303,21 +317,24 @@ class ShardWriter:
 
     def expire(self, now: float, idle: float, max_slots: int | None = None) -> list[Addr]:
         """Remove flows idle longer than `idle`. Scans at most `max_slots` slots per call,
-        resuming where the previous call stopped, so a sweep costs the same at any size."""
+        resuming where the previous call stopped, so a sweep costs the same at any size; only
+        live slots cost Python time (free ones are skipped in one strided copy)."""
         cap = self.capacity
         budget = cap if max_slots is None else min(max_slots, cap)
         buf = self.table.buf
         removed: list[Addr] = []
-        slot = self._cursor
-        for _ in range(budget):
-            off = self._base + slot * SLOT_SIZE
-            if buf[off + _STATE_AT] == USED:
-                (last, _, _) = _COUNTERS.unpack_from(buf, off + _COUNTERS_AT)
+        first = self._cursor
+        head = min(budget, cap - first)  # the scan may wrap around the end of the shard
+        for begin, count in ((first, head), (0, budget - head)):
+            states = self._states(begin, count)
+            i = states.find(USED)
+            while i >= 0:
+                slot = begin + i
+                off = self._base + slot * SLOT_SIZE
+                (last,) = _LAST_SEEN.unpack_from(buf, off + _COUNTERS_AT)
                 if now - last > idle:
-                    record = _decode(bytes(buf[off : off + SLOT_SIZE]))
-                    self._index.pop(bytes(buf[off + _KEY_AT : off + _KEY_END]), None)
+                    removed.append(_decode(bytes(buf[off : off + SLOT_SIZE])).client)
                     self._release(slot)
-                    removed.append(record.client)
-            slot = (slot + 1) % cap
-        self._cursor = slot
+                i = states.find(USED, i + 1)
+        self._cursor = (first + budget) % cap
         return removed

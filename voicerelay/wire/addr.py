@@ -1,7 +1,7 @@
 """IP addresses as the wire carries them: a family (4 or 6) and 16 bytes, IPv4 mapped.
 
 Host strings are canonical as the socket layer prints them (`inet_ntop`), so an address read
-from a packet and one reported by a socket compare equal. Conversions are cached.
+from a packet and one reported by a socket compare equal. Recent conversions are cached.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from functools import lru_cache
 Addr = tuple[str, int]
 
 V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
+CACHE_SIZE = 4096  # recent conversions: transceivers stay hot, client churn stays bounded
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=CACHE_SIZE)
 def pack_ip(host: str) -> tuple[int, bytes]:
     """(family, 16 bytes) for a literal IPv4 or IPv6 host; raises ValueError otherwise."""
     try:
@@ -28,7 +29,7 @@ def pack_ip(host: str) -> tuple[int, bytes]:
         raise ValueError(f"{host!r} is not an IP address") from None
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=CACHE_SIZE)
 def unpack_ip(family: int, ip16: bytes) -> str:
     """The canonical host string for (family, 16 bytes); raises ValueError on a bad family."""
     if family == 4 and ip16[:12] == V4_MAPPED_PREFIX:
@@ -53,7 +54,7 @@ SOCKADDR_IN_SIZE = 16
 SOCKADDR_IN6_SIZE = 28
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=CACHE_SIZE)
 def sockaddr(addr: Addr, family: int = socket.AF_INET) -> bytes:
     """`struct sockaddr_in`/`sockaddr_in6` bytes for `addr` on a socket of `family`.
 
@@ -69,7 +70,7 @@ def sockaddr(addr: Addr, family: int = socket.AF_INET) -> bytes:
     return _SIN.pack(socket.AF_INET6) + port + bytes(4) + ip16 + bytes(4)
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=CACHE_SIZE)
 def addr_from_sockaddr(raw: bytes) -> Addr:
     """The canonical `Addr` of `struct sockaddr_in`/`sockaddr_in6` bytes; ValueError otherwise."""
     if len(raw) < 8:

@@ -1,0 +1,125 @@
+"""Run every benchmark in turn, then print the headline figures against the design's budgets.
+
+    .venv/bin/python bench/run_all.py [--quick] [--only NAME ...]
+
+Each benchmark is its own script (and can be run alone); this one runs them one after another,
+never two at a time, so they do not disturb each other's figures. The summary reads the JSON
+each writes to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import harness
+
+BENCHMARKS = (
+    "relay_forwarding",
+    "relay_latency",
+    "flowtable_scale",
+    "transceiver_capacity",
+    "session_setup",
+    "recovery",
+)
+
+
+def _get(doc: dict[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(doc, dict) or key not in doc:
+            return None
+        doc = doc[key]
+    return doc
+
+
+# (benchmark, what, how to read the figure from its JSON, unit, budget)
+Headline = tuple[str, str, Callable[[dict[str, Any]], Any], str, str]
+HEADLINES: tuple[Headline, ...] = (
+    (
+        "relay_forwarding",
+        "relay CPU per forwarded packet / C",
+        lambda d: d.get("relay_over_c"),
+        "x",
+        "<= 1.3x",
+    ),
+    (
+        "relay_forwarding",
+        "relay CPU per forwarded packet",
+        lambda d: d.get("relay_cpu_us_per_packet"),
+        "us",
+        "",
+    ),
+    (
+        "relay_forwarding",
+        "max packets/s per worker, each way",
+        lambda d: d.get("relay_max_pps_per_worker_each_way"),
+        "pps",
+        "",
+    ),
+    (
+        "relay_latency",
+        "relay added round trip p50 over direct",
+        lambda d: _get(d, "added_us", "relay", "p50"),
+        "us",
+        "<= 30 us",
+    ),
+    (
+        "relay_latency",
+        "relay added round trip p99 over direct",
+        lambda d: _get(d, "added_us", "relay", "p99"),
+        "us",
+        "<= 150 us",
+    ),
+    (
+        "relay_latency",
+        "relay added round trip p50 over C forwarder",
+        lambda d: _get(d, "relay_over_c_us", "p50"),
+        "us",
+        "",
+    ),
+)
+
+
+def run(name: str, quick: bool) -> float:
+    """Run one benchmark script; returns its wall time. Its output goes straight through."""
+    print(f"\n=== {name} " + "=" * (70 - len(name)), flush=True)
+    started = time.monotonic()
+    cmd = [sys.executable, str(harness.BENCH / f"{name}.py"), *(["--quick"] if quick else [])]
+    result = subprocess.run(cmd, cwd=harness.ROOT)
+    if result.returncode != 0:
+        print(f"{name} failed with exit code {result.returncode}", flush=True)
+    return time.monotonic() - started
+
+
+def summary() -> str:
+    rows = []
+    for name, what, read, unit, budget in HEADLINES:
+        path = harness.RESULTS / f"{name}.json"
+        value = read(json.loads(path.read_text())) if path.exists() else None
+        rows.append([name, what, "-" if value is None else value, unit, budget or "-"])
+    return harness.table(
+        "headline figures (bench/README.md explains each)",
+        ["benchmark", "figure", "value", "unit", "budget"],
+        rows,
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="short runs (figures are rougher)")
+    p.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run just these")
+    args = p.parse_args()
+    print(harness.machine_line(harness.machine()), flush=True)
+    harness.build_c()
+    took = {name: run(name, args.quick) for name in (args.only or BENCHMARKS)}
+    print("\n" + summary())
+    print("\n" + ", ".join(f"{n} {s:.0f} s" for n, s in took.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -12,6 +12,8 @@ from collections import defaultdict
 from voicerelay.wire import envelope, stun
 from voicerelay.wire.token import TokenKeys
 
+Move = tuple[float, tuple[str, int], tuple[str, int] | None, tuple[str, int]]
+
 
 def binding_request(
     keys: TokenKeys, transceiver: tuple[str, int], client_ufrag: str = "cli1"
@@ -30,17 +32,22 @@ class StandIn:
     """Receives envelopes in a thread; records (client, payload, relay worker); echoes on demand.
 
     With `echo=True`, every non-STUN payload is sent back to its client in an envelope, through
-    the worker it came from, prefixed with b"E".
+    the worker it came from, prefixed with b"E". `moves` logs (monotonic time, client, previous
+    worker or None, new worker) each time a client's packets arrive through another worker.
     """
 
     def __init__(self, echo: bool = False) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        # A burst through the relay arrives faster than this thread reads: buffer it as the
+        # relay does, or the kernel drops what the relay delivered.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
         self.addr = self.sock.getsockname()
         self.echo = echo
         self.received: dict[tuple[str, int], list[bytes]] = defaultdict(list)
         self.workers: dict[tuple[str, int], tuple[str, int]] = {}
+        self.moves: list[Move] = []
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -60,6 +67,9 @@ class StandIn:
             client, payload = envelope.unpack(data)
             with self.lock:
                 self.received[client].append(payload)
+                previous = self.workers.get(client)
+                if previous != worker:
+                    self.moves.append((time.monotonic(), client, previous, worker))
                 self.workers[client] = worker
             if self.echo and payload and payload[0] > 3:
                 self.sock.sendto(envelope.pack(client, b"E" + payload), worker)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import time
 from collections.abc import Callable
@@ -20,20 +21,58 @@ from voicerelay.relay.config import (
 )
 
 
-def parse_hostport(text: str, option: str, default_port: int | None = None) -> tuple[str, int]:
-    """`HOST:PORT`, `[V6]:PORT`, or `HOST` when a default port exists."""
+def parse_hostport(
+    text: str,
+    option: str,
+    default_port: int | None = None,
+    *,
+    example_port: int | None = None,
+    min_port: int = 1,
+) -> tuple[str, int]:
+    """`HOST:PORT`, `[V6]:PORT`, or `HOST` when a default port exists.
+
+    Errors (ConfigError, one line) name `option` and show an example with the option's own
+    port (`example_port`, else `default_port`).
+    """
+    example = example_port or default_port or DEFAULT_PUBLIC_PORT
     text = text.strip()
     host, sep, port = text.rpartition(":") if not text.endswith("]") else (text, "", "")
     if not sep or (":" in host and not host.startswith("[")):
         if default_port is None or (":" in text and not text.startswith("[")):
             raise ConfigError(
-                f"{option} {text!r} is not HOST:PORT: write e.g. 127.0.0.1:{default_port or 3478} or [::1]:3478"
+                f"{option} {text!r} is not HOST:PORT: write e.g. 127.0.0.1:{example} "
+                f"or [::1]:{example}"
             )
         host, port = text, str(default_port)
     host = host.strip("[]")
     if not port.isdigit():
-        raise ConfigError(f"{option} {text!r} has no numeric port: write HOST:PORT")
-    return host, int(port)
+        raise ConfigError(f"{option} {text!r} has no numeric port: write e.g. 127.0.0.1:{example}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            f"{option} host {host!r} is not an IP address: write a literal such as "
+            f"127.0.0.1:{example} or [::1]:{example}"
+        ) from None
+    return host, check_port(int(port), f"{option} port", min_port)
+
+
+def check_port(port: int, what: str, min_port: int = 1) -> int:
+    """`port` if it is a usable port number, else a one-line ConfigError naming `what`."""
+    if not min_port <= port <= 65535:
+        raise ConfigError(f"{what} {port} is out of range: use {min_port}-65535")
+    return port
+
+
+def usable_state_dir(path: Path) -> Path:
+    """Create the state directory if needed; a one-line ConfigError if it cannot be used."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"--state-dir {path} cannot be used ({exc.strerror}): choose a writable directory"
+        ) from None
+    return path
 
 
 def relay_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -142,7 +181,7 @@ def build_config(listen: str, state_dir: Path | None, **extra: Any) -> RelayConf
     internal = extra.pop("internal", None)
     if internal is not None:
         kwargs["internal_host"], kwargs["internal_port_base"] = parse_hostport(
-            internal, "--internal"
+            internal, "--internal", example_port=DEFAULT_INTERNAL_PORT_BASE
         )
     if extra.pop("no_pin", False):
         kwargs["pin_cpus"] = False
@@ -167,6 +206,8 @@ def start(listen: str, state_dir: Path | None, foreground: bool, **options: Any)
     from voicerelay.relay import launcher
 
     config = build_config(listen, state_dir, **options)
+    usable_state_dir(config.state_dir)
+    launcher.ensure_secret(config)  # a missing --secret-file fails here, in one line
     if foreground:
         import logging
 
@@ -279,4 +320,19 @@ def stats(listen: str, state_dir: Path | None, as_json: bool, watch: bool) -> No
             return
 
 
-commands: list[click.Command] = [start, stop, stats, status]
+@click.command()
+@relay_options
+@start_options
+def restart(listen: str, state_dir: Path | None, **options: Any) -> None:
+    """Stop the relay and start it again: flows come back from the snapshot, calls go on."""
+    from voicerelay.relay import launcher
+
+    config = build_config(listen, state_dir, **options)
+    pid = launcher.restart(config)
+    click.echo(
+        f"relay restarted on {config.listen_host}:{config.listen_port} "
+        f"with {config.workers} workers (pid {pid}); log: {config.log_file}"
+    )
+
+
+commands: list[click.Command] = [start, stop, restart, stats, status]

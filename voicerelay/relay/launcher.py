@@ -2,7 +2,7 @@
 snapshots the flow table, and answers `relayctl` on a unix control socket.
 
 Run in the foreground with `run_foreground(config)`, or detached with
-`start_background(config)` (which re-executes `python -m voicerelay.relay.launcher`).
+`start_background(config)` (a forked, detached copy of this process), or `restart(config)`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import multiprocessing
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +34,32 @@ from voicerelay.wire.token import TokenError, load_keys, write_new_secret
 
 log = logging.getLogger("voicerelay.launcher")
 _fork = multiprocessing.get_context("fork")
+REAP_TIMEOUT = 0.5  # seconds to wait for a dead worker to be reaped before restarting anyway
 
 
 def ensure_secret(config: RelayConfig) -> None:
-    """Create the secret file on first start; fail in one line if it does not load."""
+    """Create the default secret (<state-dir>/secret.key) on first start; fail in one line if
+    the secret does not load.
+
+    Only the default is ever created. A secret file named explicitly (--secret-file or
+    VOICERELAY_SECRET_FILE) must already exist: inventing a fresh key there would make the relay
+    reject every token the cluster's transceivers seal with the real one.
+    """
     path = config.secret_path
+    default = config.state_dir / "secret.key"
     if not path.exists():
-        write_new_secret(path)
+        if config.secret_file is not None and path != default:
+            raise ConfigError(
+                f"secret file {path} does not exist: copy the cluster's secret there, or drop "
+                f"--secret-file to use {default}, "
+                "created on first start"
+            )
+        try:
+            write_new_secret(path)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the secret {path} ({exc.strerror}): choose a writable --state-dir"
+            ) from None
         log.info("created secret %s", path)
     try:
         load_keys(path)
@@ -181,17 +200,22 @@ class Launcher:
                 return
             process = slot.process
             assert process is not None
-            process.join(0)
-            log.warning(
-                "worker %d (pid %s) exited with %s; restarting",
-                slot.index,
-                process.pid,
-                process.exitcode,
-            )
-            process.close()
-            slot.restarts += 1
-            self.start_worker(slot)
-            self._watch(loop, slot)
+            # The sentinel fires when the worker's files close, a moment before the kernel
+            # lets us reap it: wait for that (bounded), and restart whatever happens.
+            try:
+                process.join(REAP_TIMEOUT)
+                log.warning(
+                    "worker %d (pid %s) exited with %s; restarting",
+                    slot.index,
+                    process.pid,
+                    process.exitcode,
+                )
+                with contextlib.suppress(ValueError):  # not reaped yet: its zombie is reaped
+                    process.close()  # by multiprocessing's next active_children() sweep
+            finally:
+                slot.restarts += 1
+                self.start_worker(slot)
+                self._watch(loop, slot)
 
         loop.add_reader(sentinel, on_exit)
 
@@ -289,29 +313,61 @@ def run_foreground(config: RelayConfig) -> None:
 
 
 def start_background(config: RelayConfig, timeout: float = 10.0) -> int:
-    """Start a detached launcher and wait until it answers; returns its pid."""
+    """Start a detached launcher and wait until it answers; returns its pid.
+
+    The launcher is this process, forked and detached (a new session, output to the log
+    file): it starts with everything already imported, which is what keeps a restart short.
+    """
     config.state_dir.mkdir(parents=True, exist_ok=True)
     if control.is_running(config):
         raise ConfigError(
             f"a relay already runs on port {config.listen_port}: stop it with `relayctl stop`"
         )
-    with open(config.log_file, "ab") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "voicerelay.relay.launcher", config_to_json(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the launcher
+        code = 1
+        try:
+            _detach(config.log_file)
+            code = serve(config)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ConfigError(_failure_line(config.log_file, proc.returncode))
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            raise ConfigError(_failure_line(config.log_file, os.waitstatus_to_exitcode(status)))
         if control.is_running(config):
-            return proc.pid
-        time.sleep(0.02)
-    proc.terminate()
+            return pid
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGTERM)
     raise ConfigError(f"relay did not come up within {timeout:.0f} s: see {config.log_file}")
+
+
+def _detach(log_file: Path) -> None:
+    """Leave the terminal's session; stdin from /dev/null, stdout and stderr to the log."""
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDONLY)
+    log = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(null, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(null)
+    os.close(log)
+
+
+def restart(config: RelayConfig, timeout: float = 10.0) -> int:
+    """Stop the relay on this port (if one runs) and start it again with `config`.
+
+    Everything is imported before the old relay stops, so media pauses only for the old
+    launcher's shutdown and the new one's start: the flows come back from the snapshot store.
+    """
+    with contextlib.suppress(control.ControlError):
+        control.stop(config, timeout)
+    return start_background(config, timeout)
 
 
 def _failure_line(log_file: Path, code: int | None) -> str:
@@ -320,14 +376,20 @@ def _failure_line(log_file: Path, code: int | None) -> str:
     return f"relay failed to start: {last.split('relayctl: ', 1)[-1]}"
 
 
-def main(argv: list[str]) -> int:
+def serve(config: RelayConfig) -> int:
+    """Run a launcher in this process until stopped; 2 after a one-line config error."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        run_foreground(config_from_json(argv[0]))
+        run_foreground(config)
     except ConfigError as exc:
         print(f"relayctl: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """`python -m voicerelay.relay.launcher CONFIG_JSON` (how `relayctl up` runs one)."""
+    return serve(config_from_json(argv[0]))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from voicerelay.wire import envelope, stun
 from voicerelay.wire.addr import Addr, addr_from_sockaddr, canonical, sockaddr
 from voicerelay.wire.token import TokenError, TokenKeys
 
+MOVED_AFTER = 1.0  # s silent here, with a fresher copy in another shard: the client moved
 MAX_DATAGRAM = 1500  # client datagrams above this are not WebRTC media: dropped as oversize
 HEADER_SIZE = envelope.HEADER_SIZE
 MAX_ENVELOPE = MAX_DATAGRAM + HEADER_SIZE
@@ -328,8 +329,11 @@ class RelayRouter:
         return count
 
     def expire(self, now: float) -> list[Addr]:
-        """Drop flows idle past the timeout (a slice of the shard per call)."""
-        removed = self.writer.expire(now, self.idle_timeout, self.expire_budget)
+        """Drop flows idle past the timeout, or silent here while a fresher copy lives in
+        another shard (adopted by another worker), a slice of the shard per call."""
+        removed = self.writer.expire(
+            now, self.idle_timeout, self.expire_budget, moved_after=MOVED_AFTER
+        )
         for client in removed:
             flow = self.flows.get(client)
             if flow is not None:

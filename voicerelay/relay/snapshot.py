@@ -204,6 +204,17 @@ def open_store(config: RelayConfig) -> FileStore | RedisStore:
 # Restore and snapshotter ---------------------------------------------------------------------
 
 
+def freshest(records: Iterable[FlowRecord]) -> list[FlowRecord]:
+    """One record per client, the most recently seen: after a worker adopts a flow, its old
+    copy stays in the previous worker's shard until that worker's sweep removes it."""
+    latest: dict[tuple[str, int], FlowRecord] = {}
+    for r in records:
+        seen = latest.get(r.client)
+        if seen is None or r.last_seen > seen.last_seen:
+            latest[r.client] = r
+    return list(latest.values())
+
+
 def shard_of(client: tuple[str, int], shards: int) -> int:
     """The shard a restored flow goes to (any worker adopts it on its first packet)."""
     return zlib.crc32(client_key(client)) % shards
@@ -219,7 +230,7 @@ def restore(
         blob = store.load()
         if blob is None:
             return 0
-        records = decode_snapshot(blob, now, idle_timeout=idle_timeout)
+        records = freshest(decode_snapshot(blob, now, idle_timeout=idle_timeout))
     except SnapshotError as exc:
         log.error("snapshot from %s refused, starting empty: %s", store.describe(), exc)
         return 0
@@ -281,7 +292,7 @@ class Snapshotter:
         """Take and store one snapshot; True on success. Never raises."""
         started = time.perf_counter()
         try:
-            records = list(self.table.records())
+            records = freshest(self.table.records())
             self.store.save(encode_snapshot(records, self.clock()))
         except Exception as exc:  # SnapshotError, or anything a store library throws
             with self._lock:

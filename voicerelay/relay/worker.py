@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import uvloop
 
+from voicerelay.net import bind_udp
 from voicerelay.relay.config import RelayConfig
 from voicerelay.relay.mmsg import DatagramBatch, Route
 from voicerelay.relay.router import RelayRouter
@@ -33,7 +34,6 @@ from voicerelay.wire.token import load_keys
 log = logging.getLogger("voicerelay.worker")
 
 TICK = 0.1  # flush, expiry and counter publication period (seconds)
-SOCKET_BUFFER = 4 << 20
 BATCH = 64  # datagrams per recvmmsg/sendmmsg
 SLOT = 2048  # bytes per datagram slot: above the largest accepted envelope (oversize shows)
 MAX_BATCHES = 16  # batches per wake-up before yielding to the loop
@@ -44,20 +44,6 @@ def die_with_parent() -> None:
     """Ask Linux to SIGTERM this process when its parent (the launcher) dies."""
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def bind_udp(host: str, port: int, *, reuse_port: bool) -> socket.socket:
-    """A non-blocking UDP socket bound to (host, port), with large kernel buffers."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-    sock.bind((host, port))
-    sock.setblocking(False)
-    return sock
 
 
 class Pump:

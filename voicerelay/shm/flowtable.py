@@ -315,10 +315,19 @@ class ShardWriter:
             if buf[self._base + slot * SLOT_SIZE + _STATE_AT] != TOMBSTONE:
                 break
 
-    def expire(self, now: float, idle: float, max_slots: int | None = None) -> list[Addr]:
+    def expire(
+        self,
+        now: float,
+        idle: float,
+        max_slots: int | None = None,
+        moved_after: float | None = None,
+    ) -> list[Addr]:
         """Remove flows idle longer than `idle`. Scans at most `max_slots` slots per call,
         resuming where the previous call stopped, so a sweep costs the same at any size; only
-        live slots cost Python time (free ones are skipped in one strided copy)."""
+        live slots cost Python time (free ones are skipped in one strided copy).
+
+        With `moved_after`, a flow silent here that long is also removed when another shard
+        holds a fresher copy: its client moved to another worker, which adopted it."""
         cap = self.capacity
         budget = cap if max_slots is None else min(max_slots, cap)
         buf = self.table.buf
@@ -332,9 +341,18 @@ class ShardWriter:
                 slot = begin + i
                 off = self._base + slot * SLOT_SIZE
                 (last,) = _LAST_SEEN.unpack_from(buf, off + _COUNTERS_AT)
-                if now - last > idle:
+                silent = now - last
+                if silent > idle or (
+                    moved_after is not None and silent > moved_after and self._moved(off, last)
+                ):
                     removed.append(_decode(bytes(buf[off : off + SLOT_SIZE])).client)
                     self._release(slot)
                 i = states.find(USED, i + 1)
         self._cursor = (first + budget) % cap
         return removed
+
+    def _moved(self, offset: int, last_seen: float) -> bool:
+        """Does another shard hold a fresher copy of the flow at `offset`?"""
+        client = _decode(bytes(self.table.buf[offset : offset + SLOT_SIZE])).client
+        hit = self.table.lookup(client, skip=self.shard_index)
+        return hit is not None and hit[1].last_seen > last_seen

@@ -29,11 +29,12 @@ BENCHMARKS = (
 )
 
 
-def _get(doc: dict[str, Any], *keys: str) -> Any:
+def _get(doc: Any, *keys: str | int) -> Any:
     for key in keys:
-        if not isinstance(doc, dict) or key not in doc:
+        try:
+            doc = doc[key]
+        except (KeyError, IndexError, TypeError):
             return None
-        doc = doc[key]
     return doc
 
 
@@ -82,7 +83,105 @@ HEADLINES: tuple[Headline, ...] = (
         "us",
         "",
     ),
+    (
+        "flowtable_scale",
+        "known-flow packet at the largest size / at 1k (spread)",
+        lambda d: _size_ratio(d, "client_datagram_ns"),
+        "x",
+        "flat",
+    ),
+    (
+        "flowtable_scale",
+        "known-flow packet at the largest size / at 1k (1k hot)",
+        lambda d: _size_ratio(d, "client_datagram_hot_ns"),
+        "x",
+        "flat",
+    ),
+    (
+        "flowtable_scale",
+        "shared memory per slot",
+        lambda d: _get(d, "sizes", 0, "shm_bytes_per_slot") if d.get("sizes") else None,
+        "B",
+        "<= 64 B",
+    ),
+    (
+        "flowtable_scale",
+        "worker restart at the largest size",
+        lambda d: d["sizes"][-1].get("attach_router_ms") if d.get("sizes") else None,
+        "ms",
+        "",
+    ),
+    (
+        "transceiver_capacity",
+        "sessions/core at < 0.1% loss, through relay (measured)",
+        lambda d: _get(d, "headline", "relay", "measured_sessions"),
+        "sessions",
+        ">= 500",
+    ),
+    (
+        "transceiver_capacity",
+        "sessions/core by transceiver CPU, through relay (extrapolated)",
+        lambda d: _get(d, "headline", "relay", "extrapolated_sessions_per_core"),
+        "sessions",
+        ">= 500",
+    ),
+    (
+        "transceiver_capacity",
+        "DTLS handshakes per second through relay",
+        lambda d: _get(d, "headline", "relay", "handshakes_per_s"),
+        "/s",
+        "",
+    ),
+    (
+        "session_setup",
+        "offer to first echoed audio p50, through relay",
+        lambda d: _get(d, "summary", "relay_p50_ms"),
+        "ms",
+        "<= 100 ms",
+    ),
+    (
+        "session_setup",
+        "offer to first echoed audio p99, through relay",
+        lambda d: _get(d, "summary", "relay_p99_ms"),
+        "ms",
+        "<= 100 ms",
+    ),
+    (
+        "recovery",
+        "worker kill -9: media gap max",
+        lambda d: _scenario(d, "worker kill -9: its flows", "gap_max_ms"),
+        "ms",
+        "<= 100 ms",
+    ),
+    (
+        "recovery",
+        "relayctl restart with Redis: media gap max",
+        lambda d: _scenario(d, "relayctl restart (redis)", "gap_max_ms"),
+        "ms",
+        "<= 250 ms",
+    ),
+    (
+        "recovery",
+        "relayctl stop + start with Redis: media gap max",
+        lambda d: _scenario(d, "relayctl stop+start (redis)", "gap_max_ms"),
+        "ms",
+        "",
+    ),
 )
+
+
+def _size_ratio(doc: dict[str, Any], key: str) -> float | None:
+    sizes = doc.get("sizes") or []
+    if len(sizes) < 2 or not sizes[0].get(key):
+        return None
+    return sizes[-1][key] / sizes[0][key]
+
+
+def _scenario(doc: dict[str, Any], name: str, key: str) -> Any:
+    for row in doc.get("scenarios", []):
+        if row.get("scenario", "").strip() == name:
+            return row.get(key)
+    return None
 
 
 def run(name: str, quick: bool) -> float:

@@ -4,6 +4,10 @@ Each `ClientCall` owns one UDP socket (the relay keys flows by client address), 
 to WHIP signaling, connects through the relay, and sends/receives RTP. Cheap enough to run
 hundreds of calls from one process, which aiortc is not: the load client of bench/ and the
 protocol-level tests use it.
+
+`CallOptions(direct=<transceiver internal address>)` skips the relay: the call wraps its
+datagrams in the relay envelope itself and talks to the transceiver's internal port, the
+zero-hop baseline the benchmarks compare the relay against.
 """
 
 from __future__ import annotations
@@ -11,22 +15,28 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
 
 from voicerelay.transceiver import sdp
 from voicerelay.transceiver.certificate import Certificate
-from voicerelay.transceiver.rtp import RtpPacket
 from voicerelay.transceiver.session import (
     DtlsConnected,
+    IceConnected,
     RtpReceived,
     Session,
     SessionClosed,
     SessionConfig,
 )
+from voicerelay.wire import envelope
 from voicerelay.wire.addr import Addr
+
+OPUS_PT = 111
+_RTP_HEADER = struct.Struct("!BBHII")  # v=2, payload type, sequence, timestamp, ssrc
 
 
 @dataclass
@@ -34,12 +44,16 @@ class CallOptions:
     certificate: Certificate | None = None
     advertised_fingerprint: str | None = None  # lie in the offer (tests of fingerprint checks)
     config: SessionConfig | None = None
+    direct: Addr | None = None  # transceiver internal address: send envelopes there, no relay
+    keep_packets: bool = True  # False: only count echoed RTP (load clients), keep no payloads
 
 
 class ClientCall(asyncio.DatagramProtocol):
     """One call: its socket, its Session, and what came back."""
 
-    def __init__(self, certificate: Certificate, clock=time.monotonic) -> None:
+    def __init__(
+        self, certificate: Certificate, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.certificate = certificate
         self.clock = clock
         self.session: Session | None = None
@@ -50,17 +64,28 @@ class ClientCall(asyncio.DatagramProtocol):
         self.closed = asyncio.get_event_loop().create_future()
         self.timers_paused = False
         self.posted_at = 0.0
+        self.answered_at: float | None = None  # signaling answered (201)
+        self.ice_connected_at: float | None = None
         self.secure_at: float | None = None
+        self.first_rtp_at: float | None = None  # first RTP packet back from the server
+        self.rtp_received = 0
+        self.keep_packets = True
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_when: float | None = None
         self._seq = 0
         self.ssrc = int.from_bytes(os.urandom(4), "big")
+        self._direct: Addr | None = None
+        self._remote: Addr | None = None
+        self._header = b""
 
     # Setup ----------------------------------------------------------------------------------
     async def connect(
         self, http: aiohttp.ClientSession, url: str, options: CallOptions | None = None
     ) -> None:
-        """POST the offer, apply the answer, open the socket and start ICE towards the relay."""
+        """POST the offer, apply the answer, open the socket and start ICE towards the relay
+        (or, with `options.direct`, straight to the transceiver's internal port)."""
         options = options or CallOptions()
+        self.keep_packets = options.keep_packets
         loop = asyncio.get_running_loop()
         ufrag = base64.b64encode(os.urandom(6)).decode()
         pwd = base64.b64encode(os.urandom(18)).decode()
@@ -81,8 +106,13 @@ class ClientCall(asyncio.DatagramProtocol):
             if resp.status != 201:
                 raise RuntimeError(f"signaling answered {resp.status}: {body.strip()}")
             self.location = str(resp.url.join(aiohttp.client.URL(resp.headers["Location"])))
+        self.answered_at = self.clock()
         answer = sdp.parse_answer(body)
         await loop.create_datagram_endpoint(lambda: self, local_addr=("127.0.0.1", 0))
+        self._remote = answer.candidate
+        if options.direct is not None:
+            self._direct = options.direct
+            self._header = envelope.pack_header(self.local_addr)
         self.session = Session(
             ice_role="controlling",
             local_ufrag=ufrag,
@@ -109,50 +139,99 @@ class ClientCall(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: Addr) -> None:
-        if self.session is not None:
-            self.session.receive(data, addr[:2], self.clock())
+        if self.session is None:
+            return
+        if self._direct is not None:
+            try:
+                _, data = envelope.unpack(data)
+            except envelope.EnvelopeError:
+                return
+            addr = self._remote  # type: ignore[assignment]  # as if the relay had sent it
+        now = self.clock()
+        self.session.receive(data, addr[:2], now)
+        if data and 128 <= data[0] <= 191 and self.session.state == "secure":
+            self._take_media(now)  # SRTP/SRTCP in: nothing to send, no timer moves
+        else:
             self._pump()
+
+    def _take_media(self, now: float) -> None:
+        for event in self.session.events():  # type: ignore[union-attr]
+            if isinstance(event, RtpReceived):
+                self._on_rtp(event.packet, now)
+
+    def _on_rtp(self, packet: bytes, now: float) -> None:
+        self.rtp_received += 1
+        if self.first_rtp_at is None:
+            self.first_rtp_at = now
+        if self.keep_packets:
+            self.received.append((now, packet))
 
     def _on_timer(self) -> None:
         self._timer = None
+        self._timer_when = None
         if self.session is not None and not self.timers_paused:
             self.session.handle_timer(self.clock())
             self._pump()
 
+    def _send_pending(self) -> None:
+        """Put what the session wants to send on the wire (enveloped when direct)."""
+        transport = self.transport
+        if transport is None:
+            return
+        out = self.session.datagrams_to_send()  # type: ignore[union-attr]
+        if self._direct is None:
+            for data, addr in out:
+                transport.sendto(data, addr)
+        else:
+            for data, _ in out:
+                transport.sendto(self._header + data, self._direct)
+
     def _pump(self) -> None:
         session = self.session
         assert session is not None
-        if self.transport is not None:
-            for data, addr in session.datagrams_to_send():
-                self.transport.sendto(data, addr)
+        self._send_pending()
         now = self.clock()
         for event in session.events():
-            if isinstance(event, DtlsConnected) and not self.secure.done():
+            if isinstance(event, RtpReceived):
+                self._on_rtp(event.packet, now)
+            elif isinstance(event, IceConnected):
+                self.ice_connected_at = self.ice_connected_at or now
+            elif isinstance(event, DtlsConnected) and not self.secure.done():
                 self.secure_at = now
                 self.secure.set_result(event.profile)
-            elif isinstance(event, RtpReceived):
-                self.received.append((now, event.packet))
             elif isinstance(event, SessionClosed) and not self.closed.done():
                 self.closed.set_result(event.reason)
                 if not self.secure.done():
                     self.secure.set_exception(ConnectionError(event.reason))
+        self._rearm(session, now)
+
+    def _rearm(self, session: Session, now: float) -> None:
+        """Keep one timer at the session's next deadline (re-armed only when it moves)."""
+        when = None if self.timers_paused else session.next_timer()
+        if when == self._timer_when and (when is None or self._timer is not None):
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        when = session.next_timer()
-        if when is not None and not self.timers_paused:
+        self._timer_when = when
+        if when is not None:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_at(loop.time() + max(0.0, when - now), self._on_timer)
 
     # Use ------------------------------------------------------------------------------------
     def send_audio(self, payload: bytes, timestamp: int) -> None:
-        """Send one Opus-sized RTP packet (payload type 111)."""
-        assert self.session is not None
-        self._seq = (self._seq + 1) & 0xFFFF
-        self.session.send_rtp(
-            RtpPacket(111, self._seq, timestamp, self.ssrc, payload).serialize(), self.clock()
-        )
-        self._pump()
+        """Send one Opus-sized RTP packet (payload type 111); dropped until the call is secure."""
+        session = self.session
+        assert session is not None
+        self._seq = seq = (self._seq + 1) & 0xFFFF
+        packet = _RTP_HEADER.pack(0x80, OPUS_PT, seq, timestamp & 0xFFFFFFFF, self.ssrc)
+        session.send_rtp(packet + payload, self.clock())
+        self._send_pending()  # sending RTP raises no events and moves no timer
+
+    @property
+    def rtp_sent(self) -> int:
+        """RTP packets actually sent (encrypted; none before the call is secure)."""
+        return self.session.counters["rtp_out"] if self.session is not None else 0
 
     def pause_timers(self) -> None:
         """Go silent: no more consent checks or RTCP (what a vanished browser looks like)."""
@@ -160,6 +239,7 @@ class ClientCall(asyncio.DatagramProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._timer_when = None
 
     async def hang_up(self, http: aiohttp.ClientSession) -> int:
         """DELETE the session at the signaling server; returns the HTTP status."""
@@ -170,8 +250,9 @@ class ClientCall(asyncio.DatagramProtocol):
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         if self.session is not None and self.session.state != "closed":
             self.session.close(self.clock(), "client-closed")
-            self._pump()
+            self._pump()  # close_notify out; a closed session arms no timer
         if self.transport is not None:
             self.transport.close()

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import RELAYCTL, free_ports, wait_for
+from tests.support.procs import (
+    RELAYCTL,
+    RelayProcess,
+    TransceiverProcess,
+    free_ports,
+    wait_for,
+)
+from voicerelay.wire.token import write_new_secret
 
 
 class UpStack:
@@ -47,6 +54,7 @@ class UpStack:
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, as in a terminal
             )
         wait_for(self._ready, 20, 0.05, "relayctl up to serve the page")
         return self
@@ -62,8 +70,15 @@ class UpStack:
             return False
 
     def interrupt(self) -> int:
+        """SIGINT to `relayctl up` alone; returns its exit code."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(20)
+
+    def ctrl_c(self) -> int:
+        """What Ctrl-C in a terminal does: SIGINT to the whole foreground process group."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGINT)
         return self.proc.wait(20)
 
     def cleanup(self) -> None:
@@ -83,3 +98,13 @@ def up_stack(tmp_path):
     stack = UpStack(tmp_path / "state").start()
     yield stack
     stack.cleanup()
+
+
+@pytest.fixture
+def no_relay(tmp_path):
+    """Signaling (and the page) up, but nothing behind the relay address its answers name:
+    offers get answers, ICE never connects."""
+    relay = RelayProcess(tmp_path / "state")  # never started: its public port stays closed
+    write_new_secret(relay.secret_file)
+    with TransceiverProcess(relay) as transceiver:
+        yield transceiver

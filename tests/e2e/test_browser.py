@@ -37,8 +37,21 @@ INBOUND_ENERGY = """async () => {
   (await pc.getStats()).forEach((s) => {
     if (s.type === "inbound-rtp" && s.kind === "audio") energy = s.totalAudioEnergy;
   });
-  return {energy, playing: !!audio.srcObject && !audio.paused && audio.currentTime > 0,
-          state: pc.connectionState};
+  const remote = pc.getReceivers().map((r) => r.track.id);
+  const shown = audio.srcObject ? audio.srcObject.getAudioTracks().map((t) => t.id) : [];
+  return {energy, state: pc.connectionState,
+          playing: !audio.paused && audio.currentTime > 0 && audio.readyState >= 2,
+          remoteTrack: shown.length === 1 && remote.includes(shown[0])};
+}"""
+
+# What a person reads on the page, once a call has run for a moment.
+PAGE_FIGURES = """() => {
+  const text = (id) => document.getElementById(id).textContent;
+  const value = (id) => document.getElementById(id).value;
+  return {state: text("state"), pc: text("pc-state"), ice: text("ice-state"),
+          dtls: text("dtls-state"), rtt: text("rtt"), sent: text("sent"),
+          lostOut: text("lost-out"), received: text("received"), lostIn: text("lost-in"),
+          route: text("route"), levelOut: value("level-out"), levelIn: value("level-in")};
 }"""
 
 
@@ -67,11 +80,26 @@ def test_the_page_talks_through_the_relay_and_hears_the_echo(up_stack, page):
         return r if r and (r["energy"] or 0) > 0 and r["playing"] else None
 
     result = wait_for(echo_heard, 15, 0.2, "energy in the echoed audio")
-    assert result["energy"] > 0 and result["playing"] and result["state"] == "connected"
-    page.wait_for_function(
-        "() => document.getElementById('received').textContent !== '-'", timeout=5000
+    assert result["state"] == "connected"
+    assert result["remoteTrack"]  # the <audio> element plays the track that came back
+
+    def figures_complete():
+        f = page.evaluate(PAGE_FIGURES)
+        ready = all(v not in ("-", "") for k, v in f.items() if not k.startswith("level"))
+        return f if ready and f["levelOut"] > 0 and f["levelIn"] > 0 else None
+
+    # Every figure filled in (loss out and the RTT need the transceiver's RTCP reports).
+    f = wait_for(figures_complete, 10, 0.2, "every figure on the page")
+    assert (f["state"], f["pc"], f["ice"], f["dtls"]) == (
+        "connected",
+        "connected",
+        "connected",
+        "connected",
     )
-    assert page.inner_text("#state") == "connected"
+    assert f["route"] == f"relay 127.0.0.1:{up_stack.public_port}"  # through the relay
+    assert f["rtt"].endswith(" ms") and int(f["sent"]) > 0 and int(f["received"]) > 0
+    assert int(f["lostOut"]) == 0 and int(f["lostIn"]) == 0
+    assert page.is_hidden("#error")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "browser-demo.png"), full_page=True)
     page.click("#hangup")
@@ -85,5 +113,24 @@ def test_the_page_says_so_when_signaling_is_down(up_stack, page):
     up_stack.interrupt()  # the whole stack goes away behind the page's back
     page.click("#talk")
     page.wait_for_selector("#error:not([hidden])", timeout=10000)
-    assert "Signaling" in page.inner_text("#error")
+    assert "Signaling is unreachable" in page.inner_text("#error")
     assert page.inner_text("#state") == "failed"
+    assert page.is_enabled("#talk")  # the person can try again
+
+
+def test_the_page_says_so_when_ice_does_not_connect(no_relay, page):
+    """Signaling answers, but nothing listens at the relay address in the answer."""
+    page.goto(no_relay.url + "/?connect_timeout=3")
+    page.click("#talk")
+    page.wait_for_selector("#error:not([hidden])", timeout=15000)
+    error = page.inner_text("#error")
+    assert "did not complete through the relay" in error or "connection failed" in error, error
+    assert page.inner_text("#state") == "failed"
+    page.wait_for_function("() => !document.getElementById('talk').disabled", timeout=5000)
+    assert page.is_disabled("#hangup")  # the attempt is over; Talk tries again
+    wait_for(  # and the page said so to the server: the session was deleted
+        lambda: no_relay.stats()["closed"].get("deleted") == 1, 5, what="the session deleted"
+    )
+    assert no_relay.stats()["sessions"] == 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-ice-failed.png"), full_page=True)

@@ -1,12 +1,14 @@
-"""`relayctl up`: the README's run command, driven like a newcomer would."""
+"""`relayctl up` and `relayctl call`: the README's run command, driven like a newcomer would."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import urllib.request
+from pathlib import Path
 
 import psutil
 
@@ -16,20 +18,44 @@ from voicerelay.cli.call_client import place_call
 
 def test_up_serves_the_page_answers_a_call_and_stops_clean_on_ctrl_c(up_stack):
     out = up_stack.output.read_text()
-    assert f"open http://127.0.0.1:{up_stack.http_port}/" in out and "Ctrl-C" in out
+    assert f"open http://127.0.0.1:{up_stack.http_port}/" in out  # where to open the page
+    assert "Ctrl-C stops everything" in out  # and how to stop
     with urllib.request.urlopen(up_stack.url + "/") as page:
         assert b"Talk" in page.read()
     report = asyncio.run(place_call(up_stack.url, 600.0, seconds=1.5))
-    assert report.tone_came_back, report
+    assert report.tone_came_back and report.audio_seconds > 1.0, report
     children = psutil.Process(up_stack.proc.pid).children(recursive=True)
     assert len(children) >= 3  # launcher + 2 workers
-    assert up_stack.interrupt() == 0
+    assert up_stack.ctrl_c() == 0  # SIGINT to the whole process group, as a terminal sends it
     psutil.wait_procs(children, timeout=10)
     assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
     assert not any(
         n.startswith(f"voicerelay-{up_stack.public_port}-") for n in os.listdir("/dev/shm")
     )
-    assert "voicerelay stopped" in up_stack.output.read_text()
+    out = up_stack.output.read_text()
+    assert out.rstrip().endswith("voicerelay stopped")
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out
+    log = (up_stack.state_dir / f"relay-{up_stack.public_port}.log").read_text()
+    assert f"relay on port {up_stack.public_port} stopped" in log
+    assert tracebacks(log) == []
+
+
+# KNOWN DEFECT (voicerelay/shm/segment.py, reported; see the xfail test in
+# tests/shm/test_flowtable.py): workers attaching together make the resource tracker print a
+# KeyError traceback. Only that one is forgiven here; remove this when it is fixed.
+_TRACKER_NOISE = ("resource_tracker.py", "cache[rtype].remove(name)")
+
+
+def tracebacks(log: str) -> list[str]:
+    """The tracebacks in a log, each as one block of text (tracker noise left out)."""
+    blocks = []
+    for block in log.split("Traceback (most recent call last):")[1:]:
+        lines = block.splitlines()
+        end = next((i for i, ln in enumerate(lines[1:], 1) if not ln.startswith(" ")), 0)
+        text = "\n".join(lines[: end + 1])
+        if not all(marker in text for marker in _TRACKER_NOISE):
+            blocks.append(text)
+    return blocks
 
 
 def test_relayctl_call_reports_the_tone_came_back(up_stack):
@@ -40,7 +66,33 @@ def test_relayctl_call_reports_the_tone_came_back(up_stack):
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "tone 880 Hz came back" in result.stdout
+    first = result.stdout.splitlines()[0]
+    assert re.match(
+        r"tone 880 Hz came back \(heard 880 Hz, \d+% of the echo\); setup \d+ ms", first
+    )
+    assert "s of audio back" in result.stdout
+
+
+def test_relayctl_call_says_when_the_tone_does_not_come_back(no_relay):
+    result = subprocess.run(
+        [*RELAYCTL, "call", no_relay.url, "--timeout", "2", "--seconds", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stdout.strip().startswith("call failed: no audio came back within 2 s")
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_relayctl_call_says_when_signaling_is_unreachable():
+    url = f"http://127.0.0.1:{free_ports(1, socket.SOCK_STREAM)}"
+    result = subprocess.run(
+        [*RELAYCTL, "call", url, "--timeout", "2"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert result.stdout.strip().startswith(f"call failed: signaling at {url} unreachable")
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 def test_a_busy_port_is_one_line_naming_the_option(tmp_path):
@@ -68,4 +120,24 @@ def test_a_busy_port_is_one_line_naming_the_option(tmp_path):
             timeout=30,
         )
     assert result.returncode == 2
-    assert "--http-port" in result.stderr and "Traceback" not in result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--http-port" in lines[0] and "in use" in lines[0], lines
+
+
+def test_the_readme_run_command_is_relayctl_up_on_the_defaults_it_documents():
+    """`make run` is `relayctl up` with no options; the README names its ports and URL."""
+    root = Path(__file__).resolve().parents[2]
+    readme, makefile = (root / "README.md").read_text(), (root / "Makefile").read_text()
+    assert "make run" in readme
+    run_recipe = makefile.split("\nrun:", 1)[1].split("\n\n", 1)[0]
+    assert run_recipe.rstrip().endswith("$(VENV)/bin/relayctl up")
+    from voicerelay.cli.stack_cmds import up
+
+    defaults = {p.name: p.default for p in up.params}
+    assert (defaults["public_port"], defaults["http_port"], defaults["host"]) == (
+        3478,
+        8080,
+        "127.0.0.1",
+    )
+    assert "UDP 3478" in readme and "http://127.0.0.1:8080/" in readme
+    assert ".venv/bin/relayctl call http://127.0.0.1:8080" in readme

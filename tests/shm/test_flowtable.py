@@ -194,3 +194,39 @@ def test_counters_round_trip_between_rows():
     finally:
         counters.close()
         counters.unlink()
+
+
+RACE = """
+import multiprocessing as mp, uuid
+from multiprocessing import resource_tracker
+from voicerelay.shm.flowtable import FlowTable
+name = "vr-race-" + uuid.uuid4().hex[:8]
+table = FlowTable.create(name, 2, 16)
+resource_tracker.ensure_running()  # one tracker shared by forked children, as in the launcher
+def attach():
+    for _ in range(200):
+        FlowTable.attach(name).close()
+procs = [mp.get_context("fork").Process(target=attach) for _ in range(4)]
+[p.start() for p in procs]
+[p.join() for p in procs]
+table.close()
+table.unlink()
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="KNOWN DEFECT in voicerelay/shm/segment.py (not owned here): attaching registers the "
+    "segment with the shared resource tracker and unregisters it at once; two workers attaching "
+    "together send register, register, unregister, unregister and the tracker prints a KeyError "
+    "traceback into the relay log. Remove this marker when fixed.",
+)
+def test_workers_attaching_together_print_no_traceback():
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", RACE], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    assert "Traceback" not in result.stderr, result.stderr[-500:]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import struct
 
 import pytest
 from aioice import stun as aioice_stun
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from voicerelay.wire import stun
@@ -27,14 +28,79 @@ ipv6 = st.ip_addresses(v=6).map(str)
 ports = st.integers(0, 65535)
 
 
-@given(st.binary(max_size=200))
+PARSE_REASONS = {"short", "not-stun", "length", "attribute"}
+
+
+def _stun_shaped(msg_type: int, body: bytes, length_delta: int, tid: bytes) -> bytes:
+    """A STUN header with the magic cookie (so parsing gets past it) over an arbitrary body."""
+    length = max(0, min(0xFFFF, len(body) + length_delta))
+    return struct.pack("!HHI12s", msg_type, length, stun.MAGIC_COOKIE, tid) + body
+
+
+def _damaged(message: bytes, cut: int, flips: list[int]) -> bytes:
+    """A real message, truncated and/or with bits flipped."""
+    data = bytearray(message[: max(0, len(message) - cut)])
+    for bit in flips:
+        if data:
+            data[(bit // 8) % len(data)] ^= 1 << (bit % 8)
+    return bytes(data)
+
+
+# Random bytes almost never carry the magic cookie, so they only reach the first check of the
+# parser. These reach every branch: STUN headers over random attribute bytes (lengths right and
+# wrong), and real messages truncated or bit-flipped.
+any_datagram = st.one_of(
+    st.binary(max_size=200),
+    st.builds(
+        _stun_shaped,
+        st.integers(0, 0xFFFF),
+        st.binary(max_size=120),
+        st.integers(-8, 8) | st.just(0),
+        tids,
+    ),
+    st.builds(
+        _damaged,
+        st.builds(
+            lambda t, tid, attrs, key: stun.build(t, tid, attrs, integrity_key=key),
+            st.integers(0, 0x3FFF),
+            tids,
+            attributes,
+            st.none() | st.binary(min_size=1, max_size=8),
+        ),
+        st.integers(0, 40),
+        st.lists(st.integers(0, 8 * 200), max_size=3),
+    ),
+)
+
+
+@settings(max_examples=500)
+@given(any_datagram)
 def test_any_bytes_parse_or_raise_stun_error(data):
     try:
         msg = stun.parse(data)
     except stun.StunError as exc:
-        assert exc.reason in {"short", "not-stun", "length", "attribute"}
+        assert exc.reason in PARSE_REASONS
     else:
         assert len(msg.transaction_id) == 12
+        assert all(0 <= kind <= 0xFFFF for kind, _ in msg.attributes)
+    # The helpers over whole messages never raise either: they answer False.
+    assert stun.verify_integrity(data, b"key") in (True, False)
+    assert stun.verify_fingerprint(data) in (True, False)
+
+
+def test_every_parse_error_reason_is_reachable():
+    tid = b"t" * 12
+    good = stun.build(stun.BINDING_REQUEST, tid, [(stun.ATTR_USERNAME, b"abc:d")])
+    cases = {
+        "short": good[:19],
+        "not-stun": b"\xc0" + good[1:],
+        "length": good[:-4],
+        "attribute": _stun_shaped(1, b"\x00\x06\x00\x09abcd", 0, tid),  # value overruns
+    }
+    for reason, data in cases.items():
+        with pytest.raises(stun.StunError) as exc:
+            stun.parse(data)
+        assert exc.value.reason == reason
 
 
 @given(st.integers(0, 0x3FFF), tids, attributes, st.binary(max_size=20) | st.none(), st.booleans())
@@ -74,11 +140,14 @@ def test_fast_path_matches_a_full_parse(tid, server, client, attrs):
     assert stun.binding_server_ufrag(data) == expected
 
 
-@given(st.binary(max_size=120))
-def test_fast_path_never_raises(data):
-    assert stun.binding_server_ufrag(data) in (None,) or isinstance(
-        stun.binding_server_ufrag(data), bytes
-    )
+@settings(max_examples=500)
+@given(any_datagram)
+def test_fast_path_never_raises_and_never_reads_past_the_message(data):
+    ufrag = stun.binding_server_ufrag(data)
+    assert ufrag is None or isinstance(ufrag, bytes)
+    if ufrag is not None:  # only a Binding request that parses as far as its USERNAME
+        assert data[:2] == b"\x00\x01" and len(ufrag) <= stun.MAX_USERNAME
+        assert ufrag in data and b":" not in ufrag
 
 
 def test_fast_path_ignores_responses_and_indications():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 
@@ -35,14 +36,20 @@ def test_every_token_is_unique():
 @settings(max_examples=30)
 @given(addresses)
 def test_flipping_any_bit_of_a_token_makes_it_fail(addr):
-    token = KEYS.seal(7, addr)
-    raw = bytearray(__import__("base64").b64decode(token + "=" * (-len(token) % 4)))
-    for bit in range(len(raw) * 8):
+    """Every bit of the token as it travels (the ufrag text), and every bit of what it encodes."""
+    token = KEYS.seal(7, addr).encode()
+    assert KEYS.open(token).transceiver == addr
+    for bit in range(len(token) * 8):  # the text: includes the unused low bits of the last char
+        mutated = bytearray(token)
+        mutated[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(TokenError):
+            KEYS.open(bytes(mutated))
+    raw = base64.b64decode(token + b"=" * (-len(token) % 4))
+    for bit in range(len(raw) * 8):  # the sealed bytes: key id, nonce, ciphertext, tag
         mutated = bytearray(raw)
         mutated[bit // 8] ^= 1 << (bit % 8)
-        text = __import__("base64").b64encode(bytes(mutated)).rstrip(b"=")
         with pytest.raises(TokenError):
-            KEYS.open(text)
+            KEYS.open(base64.b64encode(bytes(mutated)).rstrip(b"="))
 
 
 @given(st.binary(max_size=300))

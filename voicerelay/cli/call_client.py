@@ -1,7 +1,9 @@
 """A command-line WebRTC client (aiortc): place one call, play a tone, check it comes back.
 
 `place_call(url, tone_hz, seconds)` posts an offer to `<url>/v1/sessions`, sends a sine tone,
-records what the server sends back, finds its strongest frequency with an FFT, and hangs up.
+records what the server sends back, finds its strongest frequency with an FFT (and how much of
+the energy is that tone), notes how long the audio kept coming and what RTCP both sides
+reported, and hangs up.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import fractions
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -36,17 +39,39 @@ def dominant_frequency(samples: np.ndarray, rate: int = SAMPLE_RATE) -> float:
     return float(np.fft.rfftfreq(samples.size, 1.0 / rate)[int(np.argmax(spectrum))])
 
 
+def tone_purity(
+    samples: np.ndarray, freq: float, rate: int = SAMPLE_RATE, band: float = 25.0
+) -> float:
+    """The share of a signal's energy (DC excluded) within `band` Hz of `freq`: ~1.0 for a
+    clean tone, low when other sounds (another call's tone, noise) are mixed in."""
+    if samples.size < 256:
+        return 0.0
+    window = np.hanning(samples.size)
+    power = np.abs(np.fft.rfft((samples - samples.mean()) * window)) ** 2
+    power[0] = 0.0
+    total = float(power.sum())
+    if total <= 0.0:
+        return 0.0
+    freqs = np.fft.rfftfreq(samples.size, 1.0 / rate)
+    return float(power[np.abs(freqs - freq) <= band].sum() / total)
+
+
 @dataclass
 class CallReport:
     url: str
     tone_hz: float
     connected: bool = False
     received_hz: float | None = None
+    purity: float | None = None  # share of the echoed energy that is our tone
     setup_ms: float | None = None  # offer posted -> first echoed audio
     frames_received: int = 0
+    audio_seconds: float = 0.0  # how much echoed audio came back
+    max_frame_gap_ms: float | None = None  # longest wait between echoed frames, after the first
     error: str | None = None
     session_url: str | None = None
-    stats: dict = field(default_factory=dict)
+    offer_sdp: str | None = None
+    answer_sdp: str | None = None
+    stats: dict = field(default_factory=dict)  # delete_status, client (aiortc), server (JSON)
 
     @property
     def tone_came_back(self) -> bool:
@@ -84,10 +109,36 @@ def _tone_track(freq: float):
     return ToneTrack()
 
 
+async def _client_rtcp_stats(pc: Any) -> dict[str, Any]:
+    """What aiortc learnt from the server's RTCP: loss and RTT of our audio, as reported back."""
+    out: dict[str, Any] = {}
+    for stat in (await pc.getStats()).values():
+        if stat.type == "remote-inbound-rtp":
+            out["remote_inbound"] = {
+                "packets_lost": stat.packetsLost,
+                "fraction_lost": stat.fractionLost,
+                "round_trip_time": stat.roundTripTime,
+            }
+        elif stat.type == "inbound-rtp":
+            out["inbound"] = {"packets_received": stat.packetsReceived, "lost": stat.packetsLost}
+        elif stat.type == "outbound-rtp":
+            out["outbound"] = {"packets_sent": stat.packetsSent}
+    return out
+
+
 async def place_call(
-    url: str, tone_hz: float = 440.0, seconds: float = 2.0, timeout: float = 10.0
+    url: str,
+    tone_hz: float = 440.0,
+    seconds: float = 2.0,
+    timeout: float = 10.0,
+    *,
+    audio_started: asyncio.Future[CallReport] | None = None,
 ) -> CallReport:
-    """One call against the signaling at `url`; never raises for call failures."""
+    """One call against the signaling at `url`; never raises for call failures.
+
+    `audio_started`, if given, gets the (unfinished) report once the first echoed audio
+    arrives, offer and answer filled in: a caller can act while the call is in progress.
+    """
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
     loopback_only_ice()
@@ -95,6 +146,7 @@ async def place_call(
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     pc.addTrack(_tone_track(tone_hz))
     received: list[np.ndarray] = []
+    arrivals: list[float] = []
     first_audio = asyncio.get_running_loop().create_future()
 
     @pc.on("track")
@@ -107,9 +159,12 @@ async def place_call(
                     if frame.layout.name != "mono":
                         pcm = pcm.reshape(-1, len(frame.layout.channels)).mean(axis=1)
                     pcm = pcm.reshape(-1)
+                    now = time.monotonic()
                     if not first_audio.done() and np.abs(pcm).max() > 100:
-                        first_audio.set_result(time.monotonic())
-                    received.append(pcm)
+                        first_audio.set_result(now)
+                    if first_audio.done():
+                        received.append(pcm)
+                        arrivals.append(now)
 
         asyncio.ensure_future(pump())
 
@@ -117,6 +172,7 @@ async def place_call(
     try:
         async with aiohttp.ClientSession() as http:
             await pc.setLocalDescription(await pc.createOffer())
+            report.offer_sdp = pc.localDescription.sdp
             posted = time.monotonic()
             async with http.post(
                 url.rstrip("/") + "/v1/sessions",
@@ -129,20 +185,34 @@ async def place_call(
                     return report
                 session_url = str(resp.url.join(aiohttp.client.URL(resp.headers["Location"])))
                 report.session_url = session_url
+                report.answer_sdp = body
             await pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
             try:
                 arrived = await asyncio.wait_for(first_audio, timeout)
             except TimeoutError:
                 report.error = (
-                    f"no audio came back within {timeout:.0f} s (state {pc.connectionState})"
+                    f"no audio came back within {timeout:g} s (state {pc.connectionState})"
                 )
                 return report
             report.connected = True
             report.setup_ms = (arrived - posted) * 1000
+            if audio_started is not None and not audio_started.done():
+                audio_started.set_result(report)
             await asyncio.sleep(seconds)
             audio = np.concatenate(received[len(received) // 4 :]) if received else np.zeros(0)
             report.frames_received = len(received)
+            report.audio_seconds = sum(p.size for p in received) / SAMPLE_RATE
+            ticks = [arrived, *arrivals, time.monotonic()]  # silence at either end counts too
+            report.max_frame_gap_ms = (
+                max(b - a for a, b in zip(ticks, ticks[1:], strict=False)) * 1000
+            )
             report.received_hz = dominant_frequency(audio)
+            report.purity = tone_purity(audio, tone_hz)
+            report.stats["client"] = await _client_rtcp_stats(pc)
+            with contextlib.suppress(aiohttp.ClientError, ValueError):
+                async with http.get(session_url) as resp:
+                    if resp.status == 200:
+                        report.stats["server"] = await resp.json()
             with contextlib.suppress(aiohttp.ClientError):
                 async with http.delete(session_url) as resp:
                     report.stats["delete_status"] = resp.status

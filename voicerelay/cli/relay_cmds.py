@@ -328,6 +328,8 @@ def restart(listen: str, state_dir: Path | None, **options: Any) -> None:
     from voicerelay.relay import launcher
 
     config = build_config(listen, state_dir, **options)
+    usable_state_dir(config.state_dir)  # fail on a bad option before the running relay stops
+    launcher.ensure_secret(config)
     pid = launcher.restart(config)
     click.echo(
         f"relay restarted on {config.listen_host}:{config.listen_port} "

@@ -4,6 +4,7 @@ on embedded defaults, stopped cleanly by Ctrl-C."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import signal
 import subprocess
 import sys
@@ -100,7 +101,8 @@ def _start_relay_child(config: RelayConfig, timeout: float = 15.0) -> subprocess
     type=float,
     default=30.0,
     show_default=True,
-    help="Seconds of silence before the transceiver ends a call.",
+    help="Seconds without a consent check before a call ends (RFC 7675: 30; "
+    "browsers check every ~5 s, so stay well above that).",
 )
 def up(
     host: str,
@@ -115,11 +117,25 @@ def up(
     """Start the local voice stack and print where to talk to it. Ctrl-C stops everything."""
     import uvloop
 
+    from voicerelay.cli.relay_cmds import check_port, usable_state_dir
     from voicerelay.relay import control
     from voicerelay.relay.launcher import check_port_free, ensure_secret
     from voicerelay.transceiver.config import TransceiverConfig
     from voicerelay.transceiver.signaling import Transceiver
 
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            f"--host {host!r} is not an IP address: give a literal such as 127.0.0.1 or ::1"
+        ) from None
+    for port, option in (
+        (public_port, "--public-port"),
+        (internal_port_base, "--internal-port-base"),
+        (transceiver_port, "--transceiver-port"),
+        (http_port, "--http-port"),
+    ):
+        check_port(port, option)
     state = state_dir or default_state_dir()
     relay_config = RelayConfig(
         listen_host=host,
@@ -127,7 +143,7 @@ def up(
         internal_host=host,
         internal_port_base=internal_port_base,
         state_dir=state,
-        **({"workers": workers} if workers else {}),
+        **({"workers": workers} if workers is not None else {}),
     )
     tx_config = TransceiverConfig(
         internal=(host, transceiver_port),
@@ -146,7 +162,7 @@ def up(
         check_port_free(host, internal_port_base + i, "internal port", "--internal-port-base")
     check_port_free(host, transceiver_port, "transceiver port", "--transceiver-port")
     _check_tcp_free(host, http_port)
-    relay_config.state_dir.mkdir(parents=True, exist_ok=True)
+    usable_state_dir(relay_config.state_dir)
     ensure_secret(relay_config)
 
     relay = _start_relay_child(relay_config)

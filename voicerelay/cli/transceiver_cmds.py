@@ -11,8 +11,11 @@ from typing import Any
 import click
 
 from voicerelay.cli.relay_cmds import parse_hostport
-from voicerelay.relay.config import DEFAULT_PUBLIC_PORT, default_state_dir
+from voicerelay.relay.config import DEFAULT_PUBLIC_PORT, ConfigError, default_state_dir
 from voicerelay.transceiver.config import TransceiverConfig
+
+DEFAULT_TRANSCEIVER_PORT = 5000
+DEFAULT_HTTP_PORT = 8080
 
 
 def transceiver_config(
@@ -26,8 +29,10 @@ def transceiver_config(
     max_sessions: int,
 ) -> TransceiverConfig:
     return TransceiverConfig(
-        internal=parse_hostport(internal, "--internal"),
-        http=parse_hostport(http, "--http"),
+        internal=parse_hostport(
+            internal, "--internal", example_port=DEFAULT_TRANSCEIVER_PORT, min_port=0
+        ),
+        http=parse_hostport(http, "--http", example_port=DEFAULT_HTTP_PORT, min_port=0),
         relay_public=parse_hostport(relay_public, "--relay-public", DEFAULT_PUBLIC_PORT),
         state_dir=state_dir or default_state_dir(),
         secret_file=secret_file,
@@ -42,14 +47,14 @@ def transceiver_options(func):
         click.option(
             "--internal",
             envvar="VOICERELAY_TRANSCEIVER_INTERNAL",
-            default="127.0.0.1:5000",
+            default=f"127.0.0.1:{DEFAULT_TRANSCEIVER_PORT}",
             show_default=True,
             help="UDP HOST:PORT the relay sends envelopes to.",
         ),
         click.option(
             "--http",
             envvar="VOICERELAY_HTTP",
-            default="127.0.0.1:8080",
+            default=f"127.0.0.1:{DEFAULT_HTTP_PORT}",
             show_default=True,
             help="Signaling and demo page HOST:PORT.",
         ),
@@ -83,7 +88,8 @@ def transceiver_options(func):
             type=float,
             default=30.0,
             show_default=True,
-            help="Seconds without a consent check before a call ends.",
+            help="Seconds without a consent check before a call ends (RFC 7675: 30; "
+            "browsers check every ~5 s, so stay well above that).",
         ),
         click.option(
             "--max-sessions",
@@ -108,17 +114,22 @@ def transceiver(**options: Any) -> None:
     from voicerelay.wire.token import TokenError
 
     config = transceiver_config(**options)
+    if not config.secret_path.exists():
+        raise ConfigError(
+            f"secret file {config.secret_path} does not exist: point --secret-file at the "
+            "relay's secret (`relayctl start` creates <state-dir>/secret.key)"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     async def main() -> None:
         try:
             node = Transceiver(config)
         except TokenError as exc:
-            raise click.ClickException(str(exc).removeprefix("secret: ")) from None
+            raise ConfigError(str(exc).removeprefix("secret: ")) from None
         try:
             await node.start()
         except OSError as exc:
-            raise click.ClickException(
+            raise ConfigError(
                 f"cannot bind: {exc.strerror}: choose other ports with --internal / --http"
             ) from None
         stop = asyncio.Event()
@@ -154,6 +165,14 @@ def call(url: str, tone: float, seconds: float, timeout: float, as_json: bool) -
 
     if not 20 <= tone <= 20000:
         raise click.BadParameter("use 20-20000 Hz", param_hint="--tone")
+    if not 0.2 <= seconds <= 3600:
+        raise click.BadParameter("use 0.2-3600 s", param_hint="--seconds")
+    if not 0.1 <= timeout <= 3600:
+        raise click.BadParameter("use 0.1-3600 s", param_hint="--timeout")
+    if not url.startswith(("http://", "https://")):
+        raise click.BadParameter(
+            f"{url!r} is not a signaling URL: write e.g. http://127.0.0.1:8080", param_hint="URL"
+        )
     report = asyncio.run(place_call(url, tone, seconds, timeout))
     if as_json:
         click.echo(
@@ -162,13 +181,31 @@ def call(url: str, tone: float, seconds: float, timeout: float, as_json: bool) -
     elif report.error:
         click.echo(f"call failed: {report.error}")
     else:
-        verdict = "came back" if report.tone_came_back else "did NOT come back"
-        click.echo(
-            f"tone {tone:.0f} Hz {verdict} (heard {report.received_hz:.0f} Hz); "
-            f"setup {report.setup_ms:.0f} ms (offer posted -> first echoed audio)"
-        )
+        click.echo(describe_call(report))
     if not report.tone_came_back:
         raise SystemExit(1)
+
+
+def describe_call(report: Any) -> str:
+    """The human verdict of `relayctl call`: did the tone come back, how fast, how clean."""
+    verdict = "came back" if report.tone_came_back else "did NOT come back"
+    lines = [
+        f"tone {report.tone_hz:.0f} Hz {verdict} (heard {report.received_hz:.0f} Hz, "
+        f"{(report.purity or 0) * 100:.0f}% of the echo); "
+        f"setup {report.setup_ms:.0f} ms (offer posted -> first echoed audio)"
+    ]
+    detail = f"  {report.audio_seconds:.1f} s of audio back"
+    if report.max_frame_gap_ms is not None:
+        detail += f", longest gap {report.max_frame_gap_ms:.0f} ms"
+    remote = report.stats.get("client", {}).get("remote_inbound") or {}
+    server = report.stats.get("server") or {}
+    if remote:  # the transceiver's RTCP report on what it received from us
+        detail += f"; server reports {remote.get('packets_lost')} of ours lost"
+    rtt = remote.get("round_trip_time") or server.get("rtt")
+    if rtt is not None:
+        detail += f", RTT {rtt * 1000:.1f} ms"
+    lines.append(detail)
+    return "\n".join(lines)
 
 
 commands: list[click.Command] = [transceiver, call]

@@ -45,6 +45,7 @@ class SessionConfig:
     consent_interval: float = 5.0
     mtu: int = 1200
     rtcp_interval: float = 5.0
+    rtcp_first: float = 1.0  # first report this soon after DTLS, so RTT and loss show early
     srtp_profiles: bytes = DEFAULT_PROFILES  # OpenSSL use_srtp list, to force one in tests
 
 
@@ -199,7 +200,7 @@ class Session:
         if state == "connected" and self.dtls.srtp_keys is not None:
             self.srtp = SrtpContext(self.dtls.srtp_keys)
             self.state = "secure"
-            self._next_rtcp = now + self.config.rtcp_interval
+            self._next_rtcp = now + min(self.config.rtcp_first, self.config.rtcp_interval)
             self._events.append(DtlsConnected(self.dtls.srtp_keys.profile))
         elif state == "failed":
             self._finish(now, self.dtls.error or "dtls-failed")

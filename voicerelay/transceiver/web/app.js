@@ -2,6 +2,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+// How long ICE + DTLS may take before the page calls the call failed (?connect_timeout=s).
+const CONNECT_TIMEOUT_S = Number(new URLSearchParams(location.search).get("connect_timeout")) || 10;
 const call = { pc: null, stream: null, location: null, timer: null, connectTimer: null };
 window.voicerelay = call; // for tests and the curious
 
@@ -51,7 +53,10 @@ async function talk() {
     const s = pc.connectionState;
     $("pc-state").textContent = s;
     if (s === "connected") { clearTimeout(call.connectTimer); setState("connected", "connected"); }
-    if (s === "failed") showError("The connection failed: ICE or DTLS did not get through to the relay.");
+    if (s === "failed") {
+      showError("The connection failed: ICE or DTLS did not get through to the relay.");
+      hangup(true, true);
+    }
     if (s === "disconnected") setState("disconnected", "connecting");
   };
   pc.oniceconnectionstatechange = () => { $("ice-state").textContent = pc.iceConnectionState; };
@@ -80,9 +85,11 @@ async function talk() {
   $("hangup").disabled = false;
   call.connectTimer = setTimeout(() => {
     if (pc.connectionState !== "connected") {
-      showError("No connection after 10 s: ICE/DTLS did not complete through the relay.");
+      showError(`No connection after ${CONNECT_TIMEOUT_S} s: ICE/DTLS did not complete ` +
+        "through the relay. Is the relay running, and reachable at the address in the answer?");
+      hangup(true, true);
     }
-  }, 10000);
+  }, CONNECT_TIMEOUT_S * 1000);
   call.timer = setInterval(updateStats, 500);
 }
 
@@ -123,7 +130,8 @@ async function updateStats() {
   }
 }
 
-async function hangup(sendDelete = true) {
+// End the call (DELETE the session unless told not to); `failed` keeps the error on show.
+async function hangup(sendDelete = true, failed = false) {
   clearInterval(call.timer);
   clearTimeout(call.connectTimer);
   if (sendDelete && call.location) {
@@ -135,7 +143,7 @@ async function hangup(sendDelete = true) {
   $("talk").disabled = false;
   $("hangup").disabled = true;
   $("level-in").value = 0; $("level-out").value = 0;
-  setState("idle", "idle");
+  if (!failed) setState("idle", "idle");
 }
 
 $("talk").addEventListener("click", talk);

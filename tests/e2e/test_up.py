@@ -40,21 +40,13 @@ def test_up_serves_the_page_answers_a_call_and_stops_clean_on_ctrl_c(up_stack):
     assert tracebacks(log) == []
 
 
-# KNOWN DEFECT (voicerelay/shm/segment.py, reported; see the xfail test in
-# tests/shm/test_flowtable.py): workers attaching together make the resource tracker print a
-# KeyError traceback. Only that one is forgiven here; remove this when it is fixed.
-_TRACKER_NOISE = ("resource_tracker.py", "cache[rtype].remove(name)")
-
-
 def tracebacks(log: str) -> list[str]:
-    """The tracebacks in a log, each as one block of text (tracker noise left out)."""
+    """The tracebacks in a log, each as one block of text."""
     blocks = []
     for block in log.split("Traceback (most recent call last):")[1:]:
         lines = block.splitlines()
         end = next((i for i, ln in enumerate(lines[1:], 1) if not ln.startswith(" ")), 0)
-        text = "\n".join(lines[: end + 1])
-        if not all(marker in text for marker in _TRACKER_NOISE):
-            blocks.append(text)
+        blocks.append("\n".join(lines[: end + 1]))
     return blocks
 
 

@@ -62,3 +62,29 @@ def test_after_a_worker_kill_the_table_settles_to_one_entry_per_client(tmp_path)
             for client in clients:
                 client.close()
             transceiver.close()
+
+
+def test_shared_memory_held_by_a_live_process_is_a_one_line_error(tmp_path):
+    import subprocess
+
+    from tests.support.procs import RELAYCTL, free_ports
+    from voicerelay.shm.flowtable import FlowTable
+
+    port = free_ports(1)
+    held = FlowTable.create(f"voicerelay-{port}-flows", 1, 16)  # this test process owns it
+    try:
+        env = {**os.environ, "VOICERELAY_STATE_DIR": str(tmp_path)}
+        result = subprocess.run(
+            [*RELAYCTL, "start", "--listen", f"127.0.0.1:{port}", "--workers", "1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert f"held by running process {os.getpid()}" in lines[0]
+        assert "Traceback" not in result.stderr
+    finally:
+        held.close()
+        held.unlink()

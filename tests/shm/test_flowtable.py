@@ -214,13 +214,6 @@ table.unlink()
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN DEFECT in voicerelay/shm/segment.py (not owned here): attaching registers the "
-    "segment with the shared resource tracker and unregisters it at once; two workers attaching "
-    "together send register, register, unregister, unregister and the tracker prints a KeyError "
-    "traceback into the relay log. Remove this marker when fixed.",
-)
 def test_workers_attaching_together_print_no_traceback():
     import subprocess
     import sys
@@ -230,3 +223,21 @@ def test_workers_attaching_together_print_no_traceback():
     )
     assert result.returncode == 0
     assert "Traceback" not in result.stderr, result.stderr[-500:]
+
+
+def test_a_segment_held_by_a_recycled_pid_is_stale():
+    """The owner is a pid *and* its start time: a live stranger with the pid is no owner."""
+    from voicerelay.shm import segment
+
+    name = unique_name()
+    table = FlowTable.create(name, 1, 16)
+    try:
+        assert segment.live_owner(name) == os.getpid()
+        magic, version, pid, started = segment.OWNER.unpack_from(table.buf, 0)
+        segment.OWNER.pack_into(table.buf, 0, magic, version, pid, started - 3600)
+        assert segment.live_owner(name) is None
+        other = FlowTable.attach(name)
+        other.close()
+    finally:
+        table.close()
+        table.unlink()

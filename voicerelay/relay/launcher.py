@@ -28,6 +28,7 @@ from voicerelay.relay import control, snapshot
 from voicerelay.relay.config import ConfigError, RelayConfig
 from voicerelay.relay.router import COUNTER_FIELDS
 from voicerelay.relay.worker import run_worker
+from voicerelay.shm import segment
 from voicerelay.shm.counters import CounterArray
 from voicerelay.shm.flowtable import FlowTable
 from voicerelay.wire.token import TokenError, load_keys, write_new_secret
@@ -132,6 +133,13 @@ class Launcher:
         check_port_free(cfg.listen_host, cfg.listen_port, "listen address", "--listen")
         for i in range(cfg.workers):
             check_port_free(*cfg.internal_addr(i), "internal address", "--internal")
+        for name in (cfg.shm_name, cfg.counters_name):
+            owner = segment.live_owner(name)
+            if owner is not None:
+                raise ConfigError(
+                    f"shared memory /dev/shm/{name} is held by running process {owner}: "
+                    f"stop that relay (relayctl stop --listen ...:{cfg.listen_port}) or kill it"
+                )
         self.table = FlowTable.create(cfg.shm_name, cfg.workers, cfg.capacity, time.monotonic())
         self.counters = CounterArray.create(cfg.counters_name, cfg.workers, COUNTER_FIELDS)
         store = snapshot.open_store(cfg)
@@ -291,11 +299,11 @@ class Launcher:
                     p.join(1.0)
         if self.snapshotter is not None:
             self.snapshotter.stop(final=True)
-        for segment in (self.table, self.counters):
-            if segment is not None:
-                segment.unlink()
+        for shared in (self.table, self.counters):
+            if shared is not None:
+                shared.unlink()
                 with contextlib.suppress(BufferError):
-                    segment.close()
+                    shared.close()
         for path in (self.config.control_socket, self.config.pid_file):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

@@ -78,7 +78,7 @@ def decode_snapshot(
     try:
         doc = msgpack.unpackb(blob, raw=False, strict_map_key=True)
     except Exception as exc:
-        raise SnapshotError(f"not a snapshot: {type(exc).__name__}") from None
+        raise SnapshotError(f"truncated or corrupt ({type(exc).__name__}: {exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise SnapshotError("not a voicerelay flow snapshot")
     if doc.get("v") != VERSION:

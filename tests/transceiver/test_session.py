@@ -10,8 +10,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.transceiver.conftest import CLIENT, SERVER, Pair
-from voicerelay.transceiver.rtp import RtpPacket, parse_rtp
-from voicerelay.transceiver.session import RtpReceived, SessionClosed, SessionConfig
+from voicerelay.transceiver.rtp import RTCP_SR, RtpPacket, parse_rtcp, parse_rtp
+from voicerelay.transceiver.session import (
+    COUNTER_NAMES,
+    RtpReceived,
+    SessionClosed,
+    SessionConfig,
+)
 from voicerelay.wire import stun
 
 
@@ -159,3 +164,29 @@ def test_garbage_never_raises_and_the_call_keeps_working(garbage, source):
     pair.server.datagrams_to_send()
     assert pair.server.state == "secure"
     assert talk(pair, 2)
+
+
+def test_sender_reports_count_what_the_echo_sent():
+    pair = Pair(SessionConfig(rtcp_interval=0.5))
+    secure(pair)
+    reports: list[bytes] = []
+    srtp = pair.server.srtp
+    protect = srtp.protect_rtcp
+    srtp.protect_rtcp = lambda plain: reports.append(plain) or protect(plain)
+    echoed = talk(pair, 12)
+    seen = len(reports)
+    pair.run_until(lambda: len(reports) > seen, seconds=1)  # one report after the last echo
+    (sr,) = parse_rtcp(reports[-1])
+    assert sr.packet_type == RTCP_SR and sr.ssrc == 4242
+    assert sr.packet_count == 12 == pair.server.stats["rtp_out"]
+    assert sr.octet_count == sum(len(b"opus-%d" % i) for i in range(12))
+    assert sr.rtp_timestamp == echoed[-1].timestamp
+
+
+def test_counters_read_as_a_dict(pair):
+    secure(pair)
+    talk(pair, 3)
+    counters = pair.server.counters
+    assert set(counters) == set(COUNTER_NAMES) and counters["rtp_in"] == counters["rtp_out"] == 3
+    assert counters["packets_in"] == pair.server.packets_in
+    assert {k: pair.server.stats[k] for k in COUNTER_NAMES} == counters

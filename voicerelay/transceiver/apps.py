@@ -16,7 +16,14 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-from voicerelay.transceiver.rtp import RtpError, RtpPacket, parse_rtp
+from voicerelay.transceiver.rtp import (
+    RtpError,
+    RtpPacket,
+    parse_rtp,
+    plain_header_size,
+    restamp_rtp,
+    rtp_timestamp,
+)
 
 
 class VoiceApp(Protocol):
@@ -49,6 +56,18 @@ class RtpSender:
             payload_type, self.sequence, self.last_timestamp, self.ssrc, payload, marker
         ).serialize()
 
+    def restamp(self, packet: bytes, header_size: int) -> bytes:
+        """`stamp` for a packet whose `plain_header_size` is `header_size`, without parsing
+        it: the same bytes and counts (marker, payload type and payload kept; CSRCs and
+        header extension dropped, as `stamp` does)."""
+        self.sequence = sequence = (self.sequence + 1) & 0xFFFF
+        self.last_timestamp = timestamp = (
+            rtp_timestamp(packet) + self.timestamp_offset
+        ) & 0xFFFFFFFF
+        self.packets += 1
+        self.octets += len(packet) - header_size
+        return restamp_rtp(packet, header_size, sequence, timestamp, self.ssrc)
+
 
 class EchoApp:
     """Sends every received Opus packet straight back: no decode, the server's own SSRC."""
@@ -57,7 +76,10 @@ class EchoApp:
         self.sender = RtpSender(ssrc)
 
     def on_rtp(self, packet: bytes, now: float) -> list[bytes]:
-        try:
+        header_size = plain_header_size(packet)
+        if header_size >= 0:  # the usual packet: a new fixed header, the payload as it is
+            return [self.sender.restamp(packet, header_size)]
+        try:  # padded (stripped on the way back, as `serialize` does) or malformed
             rtp = parse_rtp(packet)
         except RtpError:
             return []

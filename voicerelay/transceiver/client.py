@@ -142,10 +142,13 @@ class ClientCall(asyncio.DatagramProtocol):
         if self.session is None:
             return
         if self._direct is not None:
-            try:
-                _, data = envelope.unpack(data)
-            except envelope.EnvelopeError:
-                return
+            if data[: envelope.HEADER_SIZE] == self._header:  # replies carry our own header
+                data = data[envelope.HEADER_SIZE :]
+            else:
+                try:
+                    _, data = envelope.unpack(data)
+                except envelope.EnvelopeError:
+                    return
             addr = self._remote  # type: ignore[assignment]  # as if the relay had sent it
         now = self.clock()
         self.session.receive(data, addr[:2], now)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import weakref
 from dataclasses import dataclass
 
 from OpenSSL import SSL
@@ -69,6 +70,24 @@ def pack_records(records: list[bytes], mtu: int) -> list[bytes]:
     return datagrams
 
 
+_CONTEXTS: weakref.WeakKeyDictionary[Certificate, dict[bytes, SSL.Context]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def shared_context(certificate: Certificate, profiles: bytes) -> SSL.Context:
+    """The one context for a certificate and SRTP profile list, made on first use.
+
+    A context holds only what every association shares (our identity, ciphers, SRTP profiles,
+    a verify callback that accepts any peer certificate); each `DtlsEndpoint` checks its own
+    peer's fingerprint. Without a session cache or tickets no call can resume another's."""
+    by_profiles = _CONTEXTS.setdefault(certificate, {})
+    ctx = by_profiles.get(profiles)
+    if ctx is None:
+        ctx = by_profiles[profiles] = _make_context(certificate, profiles)
+    return ctx
+
+
 def _make_context(certificate: Certificate, profiles: bytes) -> SSL.Context:
     ctx = SSL.Context(SSL.DTLS_METHOD)
     ctx.use_certificate(certificate.cert)
@@ -81,7 +100,8 @@ def _make_context(certificate: Certificate, profiles: bytes) -> SSL.Context:
         b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
     )
     ctx.set_tlsext_use_srtp(profiles)
-    ctx.set_options(SSL.OP_NO_QUERY_MTU)
+    ctx.set_options(SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)  # shared: no resumption across calls
     return ctx
 
 
@@ -102,7 +122,7 @@ class DtlsEndpoint:
         self.role = role
         self.mtu = mtu
         self.remote_fingerprint = normalize_fingerprint(remote_fingerprint)
-        self.conn = SSL.Connection(_make_context(certificate, profiles), None)
+        self.conn = SSL.Connection(shared_context(certificate, profiles), None)
         self.conn.set_ciphertext_mtu(mtu)
         if role == "client":
             self.conn.set_connect_state()

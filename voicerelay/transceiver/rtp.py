@@ -84,6 +84,41 @@ def rtp_ssrc(data: bytes) -> int:
     return struct.unpack_from("!I", data, 8)[0]
 
 
+_SEQ_TS_SSRC = struct.Struct("!HII")  # sequence, timestamp, ssrc at offset 2
+_EXTENSION_WORDS = struct.Struct("!H")  # at offset 2 of the header extension
+
+
+def plain_header_size(data: bytes) -> int:
+    """Header size (fixed part, CSRCs, extension) of a well-formed version-2 RTP packet
+    without padding; -1 for anything else (malformed, or padded: `parse_rtp` handles those)."""
+    size = len(data)
+    if size < 12:
+        return -1
+    first = data[0]
+    if first & 0xE0 != 0x80:  # version 2, no padding
+        return -1
+    header = 12 + 4 * (first & 0x0F)
+    if first & 0x10:
+        if size < header + 4:
+            return -1
+        header += 4 + 4 * _EXTENSION_WORDS.unpack_from(data, header + 2)[0]
+    return header if header <= size else -1
+
+
+def rtp_timestamp(data: bytes) -> int:
+    """The timestamp of an RTP packet of at least 12 bytes."""
+    return _SEQ_TS_SSRC.unpack_from(data, 2)[1]
+
+
+def restamp_rtp(data: bytes, header_size: int, sequence: int, timestamp: int, ssrc: int) -> bytes:
+    """A plain 12-byte header (`data`'s marker and payload type, the given numbering), then
+    `data`'s payload after its `header_size` header bytes (see `plain_header_size`).
+
+    The same bytes as `RtpPacket(...).serialize()` of the parsed packet with that numbering
+    and without CSRCs or extension, built without parsing."""
+    return RTP_HEADER.pack(0x80, data[1], sequence, timestamp, ssrc) + data[header_size:]
+
+
 # RTCP -------------------------------------------------------------------------------------------
 
 

@@ -31,6 +31,9 @@ from voicerelay.wire.token import TokenKeys
 log = logging.getLogger("voicerelay.transceiver")
 
 
+CLIENT_CACHE_LIMIT = 65536  # envelope headers remembered (cleared whole when full)
+
+
 class SessionLimit(Exception):
     """No room for another session."""
 
@@ -44,9 +47,16 @@ class Call:
     session: Session
     created: float
     relay_for: dict[Addr, Addr] = field(default_factory=dict)  # client -> relay worker address
+    headers: dict[Addr, bytes] = field(default_factory=dict)  # client -> its envelope header
     timer: float | None = None
     connected_at: float | None = None
     secure_at: float | None = None
+
+
+def _new_header(call: Call, client: Addr) -> bytes:
+    """The envelope header for `client`, kept on the call for its later packets."""
+    header = call.headers[client] = envelope.pack_header(client)
+    return header
 
 
 def random_ice_password() -> str:
@@ -79,6 +89,7 @@ class TransceiverServer(asyncio.DatagramProtocol):
         self._seq = 0
         self._timer_handle: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._clients: dict[bytes, Addr] = {}  # envelope header -> client (headers seen valid)
 
     # Lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -171,16 +182,18 @@ class TransceiverServer(asyncio.DatagramProtocol):
 
     # Datagrams --------------------------------------------------------------------------------
     def datagram_received(self, data: bytes, relay: Addr) -> None:
-        try:
-            client, payload = envelope.unpack(data)
-        except envelope.EnvelopeError as exc:
-            self.counters[f"drop_envelope_{exc.reason}"] += 1
-            return
+        client = self._clients.get(data[: envelope.HEADER_SIZE])
+        if client is None:
+            client = self._read_header(data)
+            if client is None:
+                return
+        payload = data[envelope.HEADER_SIZE :]
         if not payload:
             self.counters["drop_empty"] += 1
             return
         now = self.clock()
-        if payload[0] <= 3:
+        first = payload[0]
+        if first <= 3:
             ufrag = stun.binding_server_ufrag(payload)
             call = self.by_ufrag.get(ufrag) if ufrag is not None else self.by_client.get(client)
             if call is None:
@@ -191,24 +204,51 @@ class TransceiverServer(asyncio.DatagramProtocol):
             if call is None:
                 self.counters["drop_unknown_client"] += 1
                 return
-        call.relay_for[client] = relay[:2]
+        relay_for = call.relay_for
+        if relay_for.get(client) != relay:  # IPv6 peers are 4-tuples: rewritten each time
+            relay_for[client] = relay[:2]
+        session = call.session
         try:
-            call.session.receive(payload, client, now)
+            session.receive(payload, client, now)
         except Exception:  # a bug in one session must not take the process down
             log.exception("session %s failed on input; closing it", call.id)
-            call.session.close(now, "internal-error")
-        self._flush(call, now)
+            session.close(now, "internal-error")
+        if 127 < first < 192 and session.state == "secure":
+            self._send(call)  # media moves no timer and raises no event (see Session)
+        else:
+            self._flush(call, now)
+
+    def _read_header(self, data: bytes) -> Addr | None:
+        """The client of an envelope whose header is not cached yet (None: dropped)."""
+        try:
+            client = envelope.unpack_header(data)
+        except envelope.EnvelopeError as exc:
+            self.counters[f"drop_envelope_{exc.reason}"] += 1
+            return None
+        if len(self._clients) >= CLIENT_CACHE_LIMIT:
+            self._clients.clear()
+        self._clients[bytes(data[: envelope.HEADER_SIZE])] = client
+        return client
 
     def error_received(self, exc: Exception) -> None:
         self.counters["socket_errors"] += 1
 
+    def _send(self, call: Call) -> None:
+        """Envelope what the session has to send to the relay worker each client last used."""
+        out = call.session.datagrams_to_send()
+        transport = self.transport
+        if transport is None:
+            return
+        relay_for, headers = call.relay_for, call.headers
+        for datagram, client in out:
+            relay = relay_for.get(client)
+            if relay is not None:
+                header = headers.get(client) or _new_header(call, client)
+                transport.sendto(header + datagram, relay)
+
     def _flush(self, call: Call, now: float) -> None:
         session = call.session
-        transport = self.transport
-        for datagram, client in session.datagrams_to_send():
-            relay = call.relay_for.get(client)
-            if relay is not None and transport is not None:
-                transport.sendto(envelope.pack(client, datagram), relay)
+        self._send(call)
         for event in session.events():
             if isinstance(event, IceConnected):
                 call.connected_at = call.connected_at or now

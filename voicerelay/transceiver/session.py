@@ -33,9 +33,23 @@ from voicerelay.transceiver.rtp import (
 )
 from voicerelay.transceiver.srtp import SrtpContext
 from voicerelay.wire.addr import Addr
-from voicerelay.wire.demux import PacketKind, classify, is_rtcp
 
 _RTP_FIELDS = struct.Struct("!HII")  # seq, timestamp, ssrc at offset 2
+COUNTER_NAMES = (
+    "packets_in",
+    "bytes_in",
+    "packets_out",
+    "bytes_out",
+    "rtp_in",
+    "rtp_out",
+    "rtcp_in",
+    "rtcp_out",
+    "dropped_before_secure",
+    "dropped_unknown",
+    "dropped_wrong_address",
+    "srtp_errors",
+    "rtcp_errors",
+)
 
 
 @dataclass
@@ -73,7 +87,13 @@ Event = IceConnected | DtlsConnected | RtpReceived | SessionClosed
 
 
 class Session:
-    """The whole state of one call."""
+    """The whole state of one call.
+
+    Media (SRTP/SRTCP in, `send_rtp` out) moves no timer and changes no state; with an app
+    it raises no event either. The server's hot path relies on that: after media in a secure
+    session it only sends (see `TransceiverServer.datagram_received`).
+    Counters are plain attributes (named in `COUNTER_NAMES`); `counters` reads them as a dict.
+    """
 
     def __init__(
         self,
@@ -125,44 +145,38 @@ class Session:
         self._out: list[tuple[bytes, Addr]] = []
         self._events: list[Event] = []
         self._next_rtcp: float | None = None
-        self._sent_packets = 0
-        self._sent_octets = 0
-        self._last_rtp_timestamp = 0
-        self.counters = {
-            "packets_in": 0,
-            "bytes_in": 0,
-            "packets_out": 0,
-            "bytes_out": 0,
-            "rtp_in": 0,
-            "rtp_out": 0,
-            "rtcp_in": 0,
-            "rtcp_out": 0,
-            "dropped_before_secure": 0,
-            "dropped_unknown": 0,
-            "dropped_wrong_address": 0,
-            "srtp_errors": 0,
-            "rtcp_errors": 0,
-        }
+        self._media_to: Addr | None = None  # the selected address while the call is open
+        self._sent_octets = 0  # RTP payload octets for sender reports (packets: rtp_out)
+        self._last_sent_rtp = b""  # its timestamp goes into sender reports
+        self.packets_in = self.bytes_in = self.packets_out = self.bytes_out = 0
+        self.rtp_in = self.rtp_out = self.rtcp_in = self.rtcp_out = 0
+        self.dropped_before_secure = self.dropped_unknown = self.dropped_wrong_address = 0
+        self.srtp_errors = self.rtcp_errors = 0
         if ice_role == "controlling":
             self.state = "checking"
             self._poll_checks(now)
 
     # Inputs -----------------------------------------------------------------------------------
+    @property
+    def counters(self) -> dict[str, int]:
+        """A snapshot of this session's counters by name."""
+        return {name: getattr(self, name) for name in COUNTER_NAMES}
+
     def receive(self, data: bytes, addr: Addr, now: float) -> None:
         """Feed one datagram that arrived for this call. Never raises on bad input."""
         if self.state == "closed":
             return
-        self.counters["packets_in"] += 1
-        self.counters["bytes_in"] += len(data)
-        kind = classify(data)
-        if kind is PacketKind.STUN:
-            self._receive_stun(data, addr, now)
-        elif kind is PacketKind.DTLS:
-            self._receive_dtls(data, addr, now)
-        elif kind is PacketKind.RTP:
+        self.packets_in += 1
+        self.bytes_in += len(data)
+        first = data[0] if data else 255  # RFC 7983 demultiplexing, media first
+        if 127 < first < 192:
             self._receive_media(data, addr, now)
+        elif first < 4:
+            self._receive_stun(data, addr, now)
+        elif 19 < first < 64:
+            self._receive_dtls(data, addr, now)
         else:
-            self.counters["dropped_unknown"] += 1
+            self.dropped_unknown += 1
 
     def _receive_stun(self, data: bytes, addr: Addr, now: float) -> None:
         was_connected = self.ice.selected is not None
@@ -172,6 +186,7 @@ class Session:
                 self._out.append((response, addr))
         else:
             self.ice.handle(data, addr, now)
+        self._media_to = self.ice.selected
         if not was_connected and self.ice.selected is not None:
             self._on_ice_connected(now)
 
@@ -186,7 +201,7 @@ class Session:
 
     def _receive_dtls(self, data: bytes, addr: Addr, now: float) -> None:
         if self.ice.selected is None:
-            self.counters["dropped_before_secure"] += 1
+            self.dropped_before_secure += 1
             return
         before = self.dtls.state
         self.dtls.receive(data, now)
@@ -208,38 +223,43 @@ class Session:
             self._finish(now, "peer-closed")
 
     def _receive_media(self, data: bytes, addr: Addr, now: float) -> None:
-        if self.srtp is None:
-            self.counters["dropped_before_secure"] += 1
+        srtp = self.srtp
+        if srtp is None:
+            self.dropped_before_secure += 1
             return
-        if addr != self.ice.selected:
-            self.counters["dropped_wrong_address"] += 1
+        if addr != self._media_to:
+            self.dropped_wrong_address += 1
             return
-        if is_rtcp(data):
-            plain = self.srtp.unprotect_rtcp(data)
-            if plain is None:
-                self.counters["srtp_errors"] += 1
-                return
-            self.counters["rtcp_in"] += 1
-            self._on_rtcp(plain, now)
+        if len(data) > 1 and 191 < data[1] < 224:  # RTCP under rtcp-mux (RFC 5761)
+            self._receive_rtcp(srtp, data, now)
             return
-        plain = self.srtp.unprotect_rtp(data)
+        plain = srtp.unprotect_rtp(data)
         if plain is None or len(plain) < 12:
-            self.counters["srtp_errors"] += 1
+            self.srtp_errors += 1
             return
-        self.counters["rtp_in"] += 1
+        self.rtp_in += 1
         seq, timestamp, ssrc = _RTP_FIELDS.unpack_from(plain, 2)
         self.rx.add(ssrc, seq, timestamp, now)
-        if self.app is not None:
-            for packet in self.app.on_rtp(plain, now):
-                self.send_rtp(packet, now)
-        else:
+        app = self.app
+        if app is None:
             self._events.append(RtpReceived(plain))
+            return
+        for packet in app.on_rtp(plain, now):
+            self.send_rtp(packet, now)
+
+    def _receive_rtcp(self, srtp: SrtpContext, data: bytes, now: float) -> None:
+        plain = srtp.unprotect_rtcp(data)
+        if plain is None:
+            self.srtp_errors += 1
+            return
+        self.rtcp_in += 1
+        self._on_rtcp(plain, now)
 
     def _on_rtcp(self, plain: bytes, now: float) -> None:
         try:
             packets = parse_rtcp(plain)
         except RtpError:
-            self.counters["rtcp_errors"] += 1
+            self.rtcp_errors += 1
             return
         for packet in packets:
             if packet.packet_type == RTCP_SR:
@@ -256,18 +276,20 @@ class Session:
     # Outputs ----------------------------------------------------------------------------------
     def send_rtp(self, packet: bytes, now: float) -> None:
         """Encrypt and send one plain RTP packet to the peer (dropped before DTLS is up)."""
-        if self.srtp is None or self.ice.selected is None or self.state == "closed":
+        srtp, to = self.srtp, self._media_to
+        if srtp is None or to is None:  # not secure yet, or closed
             return
-        protected = self.srtp.protect_rtp(packet)
-        self._sent_packets += 1
-        self._sent_octets += max(0, len(packet) - 12)
-        self._last_rtp_timestamp = _RTP_FIELDS.unpack_from(packet, 2)[1]
-        self.counters["rtp_out"] += 1
-        self._send(protected, self.ice.selected)
+        protected = srtp.protect_rtp(packet)  # refuses packets shorter than an RTP header
+        self._sent_octets += len(packet) - 12
+        self._last_sent_rtp = packet
+        self.rtp_out += 1
+        self.packets_out += 1
+        self.bytes_out += len(protected)
+        self._out.append((protected, to))
 
     def _send(self, data: bytes, addr: Addr) -> None:
-        self.counters["packets_out"] += 1
-        self.counters["bytes_out"] += len(data)
+        self.packets_out += 1
+        self.bytes_out += len(data)
         self._out.append((data, addr))
 
     def _flush_dtls(self) -> None:
@@ -321,18 +343,18 @@ class Session:
         if self.srtp is None or self.ice.selected is None:
             return
         blocks = [self.rx.report_block(now)] if self.rx.received else []
-        if self._sent_packets:
+        if self.rtp_out:
             report = build_sender_report(
                 self.ssrc,
                 ntp_from_seconds(now),
-                self._last_rtp_timestamp,
-                self._sent_packets,
+                _RTP_FIELDS.unpack_from(self._last_sent_rtp, 2)[1],
+                self.rtp_out,
                 self._sent_octets,
                 blocks,
             )
         else:
             report = build_receiver_report(self.ssrc, blocks)
-        self.counters["rtcp_out"] += 1
+        self.rtcp_out += 1
         self._send(self.srtp.protect_rtcp(report), self.ice.selected)
 
     # Closing ----------------------------------------------------------------------------------
@@ -351,6 +373,7 @@ class Session:
             self.dtls.close()
             self._flush_dtls()
         self.state = "closed"
+        self._media_to = None
         self.close_reason = reason
         self._events.append(SessionClosed(reason))
 

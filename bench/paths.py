@@ -13,6 +13,7 @@ forwarder under test runs on one core; generator and sink share the other.
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 import subprocess
 import tempfile
@@ -138,3 +139,20 @@ def ping(
     """One request outstanding at a time: round-trip percentiles in microseconds."""
     cmd = [binaries["loadgen"], "ping", path.port, 1, 0, seconds, payload, path.first_packets]
     return harness.run_json(cmd, core)
+
+
+def each_path(sockets: int) -> Iterator[tuple[BenchPath, dict[str, Path], int]]:
+    """Set up direct, C forwarder and relay in turn around one sink, this process pinned to
+    the driver core; yields (path, binaries, driver core) for each, torn down after."""
+    binaries = harness.build_c()
+    driver, under_test = harness.cores()
+    harness.pin(os.getpid(), driver)
+    with sink(binaries, driver) as sink_port:
+        setups = (
+            lambda: direct(sink_port),
+            lambda: c_forwarder(binaries, sink_port, under_test),
+            lambda: relay(sink_port, under_test, driver, sockets),
+        )
+        for setup in setups:
+            with setup() as path:
+                yield path, binaries, driver

@@ -11,7 +11,6 @@ through the relay is two. Budget (shared/DESIGN.md): relay <= 1.3x the C forward
 from __future__ import annotations
 
 import argparse
-import os
 
 import harness
 import paths
@@ -60,29 +59,19 @@ def max_rate(binaries, path, driver, args) -> tuple[float, list[dict]]:
 def main() -> None:
     args = parse_args()
     info = harness.machine()
-    binaries = harness.build_c()
-    driver, under_test = harness.cores()
-    harness.pin(os.getpid(), driver)
     results: dict[str, dict] = {}
-    with paths.sink(binaries, driver) as sink_port:
-        setups = {
-            "direct": lambda: paths.direct(sink_port),
-            "c": lambda: paths.c_forwarder(binaries, sink_port, under_test),
-            "relay": lambda: paths.relay(sink_port, under_test, driver, args.sockets),
-        }
-        for name, setup in setups.items():
-            with setup() as path:
-                fixed = paths.flood(
-                    binaries,
-                    path,
-                    driver,
-                    rate=args.rate,
-                    seconds=args.seconds,
-                    sockets=args.sockets,
-                    payload=args.payload,
-                )
-                best, steps = max_rate(binaries, path, driver, args)
-            results[name] = {"fixed": fixed, "max_pps_each_way": best, "ramp": steps}
+    for path, binaries, driver in paths.each_path(args.sockets):
+        fixed = paths.flood(
+            binaries,
+            path,
+            driver,
+            rate=args.rate,
+            seconds=args.seconds,
+            sockets=args.sockets,
+            payload=args.payload,
+        )
+        best, steps = max_rate(binaries, path, driver, args)
+        results[path.name] = {"fixed": fixed, "max_pps_each_way": best, "ramp": steps}
     c_cost = results["c"]["fixed"]["forwarder_cpu_us_per_packet"]
     relay_cost = results["relay"]["fixed"]["forwarder_cpu_us_per_packet"]
     rows = [

@@ -11,7 +11,6 @@ latency over the direct path p50 <= 30 us, p99 <= 150 us.
 from __future__ import annotations
 
 import argparse
-import os
 
 import harness
 import paths
@@ -33,21 +32,11 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     info = harness.machine()
-    binaries = harness.build_c()
-    driver, under_test = harness.cores()
-    harness.pin(os.getpid(), driver)
     runs: dict[str, dict] = {}
-    with paths.sink(binaries, driver) as sink_port:
-        setups = {
-            "direct": lambda: paths.direct(sink_port),
-            "c": lambda: paths.c_forwarder(binaries, sink_port, under_test),
-            "relay": lambda: paths.relay(sink_port, under_test, driver, 1),
-        }
-        for name, setup in setups.items():
-            with setup() as path:
-                runs[name] = paths.ping(
-                    binaries, path, driver, seconds=args.seconds, payload=args.payload
-                )
+    for path, binaries, driver in paths.each_path(1):
+        runs[path.name] = paths.ping(
+            binaries, path, driver, seconds=args.seconds, payload=args.payload
+        )
     base = runs["direct"]
     added = {
         name: {p: run[f"rtt_{p}_us"] - base[f"rtt_{p}_us"] for p in PERCENTILES}

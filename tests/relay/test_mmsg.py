@@ -85,3 +85,26 @@ def test_a_refused_destination_is_skipped_and_the_rest_still_go(pair):
     out.put(2, b"third", sockaddr(b.getsockname()))
     assert out.send(a.fileno(), 3) == (2, 1)
     assert [b.recv(100) for _ in range(2)] == [b"first", b"third"]
+
+
+def test_a_batch_that_sent_then_receives_forgets_its_cached_peers(pair):
+    """`route_into` skips rewriting a slot's peer when it is the same object as last time; a
+    recvmmsg into that batch rewrites the names, so the batch must forget them."""
+    a, b = pair
+    to_b = sockaddr(b.getsockname())
+    src, batch = DatagramBatch(4, 2048, 16), DatagramBatch(4, 2048, 16)
+    a.sendto(b"first", b.getsockname())
+    n = src.recv(b.fileno())
+    assert src.route_into(n, lambda d, p, now: (to_b, d), batch, 0.0) == 1  # caches to_b
+    assert batch.send(a.fileno(), 1) == (1, 0)
+    assert b.recv(100) == b"first"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+        stranger.bind(("127.0.0.1", 0))
+        stranger.sendto(b"in", a.getsockname())
+        assert batch.recv(a.fileno()) == 1  # slot 0's name is now the stranger's
+    a.sendto(b"again", b.getsockname())
+    n = src.recv(b.fileno())
+    assert src.route_into(n, lambda d, p, now: (to_b, d), batch, 0.0) == 1
+    assert batch.send(a.fileno(), 1) == (1, 0)
+    b.settimeout(1)
+    assert b.recv(100) == b"again"

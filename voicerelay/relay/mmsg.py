@@ -60,6 +60,7 @@ class DatagramBatch:
         self._iov_len_at = _ffi.offsetof("struct iovec", "iov_len") // 8
         self._iov_stride = _ffi.sizeof("struct iovec") // 8
         self._peer_in_slot: list[bytes | None] = [None] * size  # skips rewriting a same peer
+        self._peers_cached = False  # set once the batch has held peers to send to
         for i in range(size):
             self.iov[i].iov_base = self._data + i * slot
             self.iov[i].iov_len = slot
@@ -72,9 +73,11 @@ class DatagramBatch:
     def recv(self, fd: int) -> int:
         """Receive up to `size` queued datagrams without blocking; 0 when none are queued.
 
-        Raises OSError for errors other than EAGAIN. Slot lengths are reset for reuse.
+        Raises OSError for errors other than EAGAIN.
         """
-        self._peer_in_slot[:] = [None] * self.size  # the kernel rewrites the names
+        if self._peers_cached:  # the kernel rewrites the names: forget what we wrote there
+            self._peer_in_slot[:] = [None] * self.size
+            self._peers_cached = False
         n = _libc.recvmmsg(fd, self.msgs, self.size, MSG_DONTWAIT, _ffi.NULL)
         if n < 0:
             err = _ffi.errno
@@ -95,6 +98,7 @@ class DatagramBatch:
         self.data[start : start + len(datagram)] = datagram
         self.names[name : name + len(peer)] = peer
         self._peer_in_slot[i] = peer
+        self._peers_cached = True
         self._iov_lens[i * self._iov_stride + self._iov_len_at] = len(datagram)
 
     def route_into(self, n: int, route: Route, out: DatagramBatch, now: float) -> int:
@@ -105,6 +109,7 @@ class DatagramBatch:
         o_data, o_names, o_slot = out.data, out.names, out.slot
         o_lens, o_at, o_stride = out._iov_lens, out._iov_len_at, out._iov_stride
         o_peers = out._peer_in_slot
+        out._peers_cached = True
         m = 0
         for i in range(n):
             start, name = i * slot, i * NAME_SIZE

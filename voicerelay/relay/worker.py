@@ -69,7 +69,6 @@ class Pump:
         self.clock = clock
         self.rx = DatagramBatch(BATCH, SLOT, sockaddr_size(source.family))
         self.tx = DatagramBatch(BATCH, SLOT, sockaddr_size(target.family))
-        self.errors = 0
 
     def on_readable(self) -> None:
         rx, tx, route = self.rx, self.tx, self.route
@@ -77,7 +76,6 @@ class Pump:
             try:
                 n = rx.recv(self.fd)
             except OSError as exc:  # e.g. a queued ICMP error: nothing to forward
-                self.errors += 1
                 log.debug("recvmmsg failed: %s", exc)
                 return
             if not n:

@@ -9,11 +9,11 @@ PIP    := $(VENV)/bin/pip
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e .
+	$(PIP) install -q -e '.[agent]'
 	touch $@
 
 $(VENV)/.test: $(VENV)/.runtime pyproject.toml
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[agent,test]'
 	touch $@
 
 install-system:            ## Debian packages the tests drive: redis-server, chromium

@@ -22,8 +22,12 @@ from voicerelay.wire.token import write_new_secret
 
 
 class UpStack:
-    def __init__(self, state_dir: Path) -> None:
+    """`relayctl up` on free ports; `app` is "echo" (the default here) or "agent"."""
+
+    def __init__(self, state_dir: Path, app: str = "echo") -> None:
         self.state_dir = state_dir
+        self.app = app
+        self.agent_port = free_ports(1, socket.SOCK_STREAM)
         self.public_port = free_ports(1)
         self.internal_base = free_ports(2)
         self.transceiver_port = free_ports(1)
@@ -50,13 +54,19 @@ class UpStack:
                     str(self.http_port),
                     "--workers",
                     "2",
+                    "--app",
+                    self.app,
+                    "--agent-port",
+                    str(self.agent_port),
                 ],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group, as in a terminal
             )
-        wait_for(self._ready, 20, 0.05, "relayctl up to serve the page")
+        wait_for(
+            self._ready, 20 if self.app == "echo" else 90, 0.05, "relayctl up to serve the page"
+        )
         return self
 
     def _ready(self) -> bool:

@@ -1,5 +1,5 @@
-"""`relayctl up`: the whole local stack (relay workers, one transceiver, signaling, demo page)
-on embedded defaults, stopped cleanly by Ctrl-C."""
+"""`relayctl up`: the whole local stack (relay workers, one transceiver, signaling, demo page,
+the offline reference agent) on embedded defaults, stopped cleanly by Ctrl-C."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import click
@@ -42,7 +43,75 @@ def _start_relay_child(config: RelayConfig, timeout: float = 15.0) -> subprocess
     return child
 
 
+def _start_agent_child(host: str, port: int, log_file: Path, timeout: float = 90.0):
+    """The reference agent as a child of this process, once its /healthz answers."""
+    from voicerelay.relay.worker import die_with_parent
+
+    with open(log_file, "ab") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "voicerelay.agent", "--listen", f"{host}:{port}"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
+    url_host = f"[{host}]" if ":" in host else host
+    deadline = time.monotonic() + timeout
+    while True:
+        if child.poll() is not None:
+            last = log_file.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise ConfigError(f"the reference agent did not start: {last[0]} (log {log_file})")
+        try:
+            with urllib.request.urlopen(f"http://{url_host}:{port}/healthz", timeout=0.5) as r:
+                if r.status == 200:
+                    return child, f"ws://{url_host}:{port}/v1/realtime"
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            child.kill()
+            raise ConfigError(
+                f"the reference agent did not answer within {timeout:.0f} s: see {log_file}"
+            )
+        time.sleep(0.05)
+
+
+def _stop_child(child: subprocess.Popen | None) -> None:
+    if child is None or child.poll() is not None:
+        return
+    child.terminate()
+    try:
+        child.wait(10)
+    except subprocess.TimeoutExpired:
+        child.kill()
+
+
 @click.command()
+@click.option(
+    "--app",
+    envvar="VOICERELAY_APP",
+    type=click.Choice(["agent", "echo"]),
+    default="agent",
+    show_default=True,
+    help="agent: calls talk to a voice agent (the offline reference agent unless --agent-url); "
+    "echo: calls hear themselves.",
+)
+@click.option(
+    "--agent-url",
+    envvar="VOICERELAY_AGENT_URL",
+    default=None,
+    help="A Realtime-compatible backend (ws://…/v1/realtime) instead of the reference agent.",
+)
+@click.option(
+    "--agent-key", envvar="VOICERELAY_AGENT_KEY", default=None, help="The backend's API key."
+)
+@click.option(
+    "--agent-port",
+    envvar="VOICERELAY_AGENT_PORT",
+    type=int,
+    default=8765,
+    show_default=True,
+    help="The reference agent's WebSocket port (loopback).",
+)
 @click.option(
     "--host",
     envvar="VOICERELAY_HOST",
@@ -105,6 +174,10 @@ def _start_relay_child(config: RelayConfig, timeout: float = 15.0) -> subprocess
     "browsers check every ~5 s, so stay well above that).",
 )
 def up(
+    app: str,
+    agent_url: str | None,
+    agent_key: str | None,
+    agent_port: int,
     host: str,
     public_port: int,
     internal_port_base: int,
@@ -134,8 +207,11 @@ def up(
         (internal_port_base, "--internal-port-base"),
         (transceiver_port, "--transceiver-port"),
         (http_port, "--http-port"),
+        (agent_port, "--agent-port"),
     ):
         check_port(port, option)
+    if agent_url is not None and app == "echo":
+        raise ConfigError("--agent-url needs --app agent (echo calls talk to no backend)")
     state = state_dir or default_state_dir()
     relay_config = RelayConfig(
         listen_host=host,
@@ -151,7 +227,10 @@ def up(
         relay_public=(host, public_port),
         state_dir=state,
         consent_timeout=consent_timeout,
+        agent_url=agent_url,
+        agent_key=agent_key,
     )
+    run_reference_agent = app == "agent" and agent_url is None
     if control.is_running(relay_config):
         raise ConfigError(
             f"a relay already runs on port {public_port}: stop it with `relayctl stop "
@@ -162,10 +241,21 @@ def up(
         check_port_free(host, internal_port_base + i, "internal port", "--internal-port-base")
     check_port_free(host, transceiver_port, "transceiver port", "--transceiver-port")
     _check_tcp_free(host, http_port)
+    if run_reference_agent:
+        _check_tcp_free("127.0.0.1", agent_port, "--agent-port")
     usable_state_dir(relay_config.state_dir)
     ensure_secret(relay_config)
 
-    relay = _start_relay_child(relay_config)
+    agent = None
+    if run_reference_agent:
+        agent, tx_config.agent_url = _start_agent_child(
+            "127.0.0.1", agent_port, relay_config.state_dir / "agent.log"
+        )
+    try:
+        relay = _start_relay_child(relay_config)
+    except BaseException:
+        _stop_child(agent)
+        raise
 
     async def serve() -> None:
         node = Transceiver(tx_config)
@@ -176,6 +266,15 @@ def up(
             loop.add_signal_handler(sig, stop.set)
         url_host = f"[{host}]" if ":" in host else host
         click.echo(f"voicerelay is up: open http://{url_host}:{node.http_addr[1]}/ and press Talk")
+        if app == "echo":
+            click.echo("  app: echo (calls hear themselves)")
+        elif run_reference_agent:
+            click.echo(
+                f"  app: the offline reference agent ({tx_config.agent_url}): "
+                "say something, it says back what it heard"
+            )
+        else:
+            click.echo(f"  app: voice agent at {tx_config.agent_url}")
         click.echo(
             f"  relay {host}:{public_port} ({relay_config.workers} workers), "
             f"transceiver {host}:{transceiver_port}, state {relay_config.state_dir}"
@@ -200,10 +299,11 @@ def up(
             relay.wait(10)
         except subprocess.TimeoutExpired:
             relay.kill()
+        _stop_child(agent)
         click.echo("voicerelay stopped")
 
 
-def _check_tcp_free(host: str, port: int) -> None:
+def _check_tcp_free(host: str, port: int, option: str = "--http-port") -> None:
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -213,7 +313,7 @@ def _check_tcp_free(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as exc:
             raise ConfigError(
-                f"HTTP port {host}:{port} is in use ({exc.strerror}): choose another with --http-port"
+                f"port {host}:{port} is in use ({exc.strerror}): choose another with {option}"
             ) from None
 
 

@@ -27,6 +27,8 @@ def transceiver_config(
     cluster_id: int,
     consent_timeout: float,
     max_sessions: int,
+    agent_url: str | None = None,
+    agent_key: str | None = None,
 ) -> TransceiverConfig:
     return TransceiverConfig(
         internal=parse_hostport(
@@ -39,6 +41,8 @@ def transceiver_config(
         cluster_id=cluster_id,
         consent_timeout=consent_timeout,
         max_sessions=max_sessions,
+        agent_url=agent_url or None,
+        agent_key=agent_key or None,
     )
 
 
@@ -98,6 +102,19 @@ def transceiver_options(func):
             default=2000,
             show_default=True,
         ),
+        click.option(
+            "--agent-url",
+            envvar="VOICERELAY_AGENT_URL",
+            default=None,
+            help="Realtime-compatible backend (ws://HOST:PORT/v1/realtime) for every call; "
+            "without it calls are echoed.",
+        ),
+        click.option(
+            "--agent-key",
+            envvar="VOICERELAY_AGENT_KEY",
+            default=None,
+            help="The backend's API key (sent as Authorization: Bearer).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -151,21 +168,49 @@ def transceiver(**options: Any) -> None:
 @click.command()
 @click.argument("url", default="http://127.0.0.1:8080")
 @click.option("--tone", type=float, default=440.0, show_default=True, help="Tone frequency (Hz).")
-@click.option("--seconds", type=float, default=2.0, show_default=True, help="How long to talk.")
+@click.option(
+    "--play",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Play this WAV (16-bit PCM, mono or stereo, any rate) as the microphone instead of "
+    "the tone, then listen for the replies and report the turn timings.",
+)
+@click.option(
+    "--record",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --play: write what came back here (48 kHz mono WAV on the call's timeline).",
+)
+@click.option(
+    "--seconds",
+    type=float,
+    default=None,
+    help="Tone: how long to talk [default: 2]. --play: the most to listen after the file "
+    "[default: 15].",
+)
 @click.option(
     "--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for audio."
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
-def call(url: str, tone: float, seconds: float, timeout: float, as_json: bool) -> None:
-    """Place one call with a real WebRTC client and check the tone comes back."""
+def call(
+    url: str,
+    tone: float,
+    play: Path | None,
+    record: Path | None,
+    seconds: float | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Place one call with a real WebRTC client: check the tone comes back, or play a WAV and
+    time the replies."""
     import dataclasses
     import json
 
-    from voicerelay.cli.call_client import place_call
+    from voicerelay.cli.call_client import WavError, load_wav, place_call, place_voice_call
 
     if not 20 <= tone <= 20000:
         raise click.BadParameter("use 20-20000 Hz", param_hint="--tone")
-    if not 0.2 <= seconds <= 3600:
+    if seconds is not None and not 0.2 <= seconds <= 3600:
         raise click.BadParameter("use 0.2-3600 s", param_hint="--seconds")
     if not 0.1 <= timeout <= 3600:
         raise click.BadParameter("use 0.1-3600 s", param_hint="--timeout")
@@ -173,21 +218,46 @@ def call(url: str, tone: float, seconds: float, timeout: float, as_json: bool) -
         raise click.BadParameter(
             f"{url!r} is not a signaling URL: write e.g. http://127.0.0.1:8080", param_hint="URL"
         )
-    report = asyncio.run(place_call(url, tone, seconds, timeout))
-    if as_json:
-        click.echo(
-            json.dumps({**dataclasses.asdict(report), "tone_came_back": report.tone_came_back})
+    if record is not None and play is None:
+        raise click.BadParameter(
+            "records what comes back from --play: add --play", param_hint="--record"
         )
-    elif report.error:
-        click.echo(f"call failed: {report.error}")
-    else:
-        click.echo(describe_call(report))
-    if not report.tone_came_back:
+    if record is not None and not record.parent.is_dir():
+        raise click.BadParameter(f"directory {record.parent} does not exist", param_hint="--record")
+    if play is None:
+        report = asyncio.run(place_call(url, tone, 2.0 if seconds is None else seconds, timeout))
+        if as_json:
+            click.echo(
+                json.dumps({**dataclasses.asdict(report), "tone_came_back": report.tone_came_back})
+            )
+        elif report.error:
+            click.echo(f"call failed: {report.error}")
+        else:
+            click.echo(describe_call(report))
+        if not report.tone_came_back:
+            raise SystemExit(1)
+        return
+    try:
+        audio = load_wav(play)
+    except WavError as exc:
+        raise click.BadParameter(f"{play}: {exc}", param_hint="--play") from None
+    voice = asyncio.run(
+        place_voice_call(
+            url, audio, record, listen_s=15.0 if seconds is None else seconds, timeout=timeout
+        )
+    )
+    click.echo(json.dumps(voice.to_json()) if as_json else describe_call(voice))
+    if not voice.audio_came_back:
         raise SystemExit(1)
 
 
 def describe_call(report: Any) -> str:
-    """The human verdict of `relayctl call`: did the tone come back, how fast, how clean."""
+    """The human verdict of `relayctl call`: did the tone come back, how fast, how clean; for
+    `--play`, the turns (see `call_client.describe_voice_call`)."""
+    from voicerelay.cli.call_client import VoiceCallReport, describe_voice_call
+
+    if isinstance(report, VoiceCallReport):
+        return describe_voice_call(report)
     verdict = "came back" if report.tone_came_back else "did NOT come back"
     lines = [
         f"tone {report.tone_hz:.0f} Hz {verdict} (heard {report.received_hz:.0f} Hz, "

@@ -4,11 +4,9 @@ A `VoiceApp` gets each decrypted RTP packet and returns the RTP packets to send 
 session encrypts and sends them. `EchoApp` needs no codec: it returns the client's Opus payload
 under the server's own SSRC and sequence numbers.
 
-PCM apps fit behind the same seam: an adapter app decodes the Opus payload (e.g. PyAV's Opus
-decoder) to 20 ms PCM frames, hands them to the app's `on_pcm(frame, now)`, encodes what the
-app returns and packetizes it with an `RtpSender` like the one below. A bridge to an external
-inference service is such a PCM app whose `on_pcm` forwards frames over its own connection and
-queues the replies; it reads them back from `on_tick(now)`, driven by the session's timer.
+Decoded-audio apps sit behind the same seam: `voicerelay.voice.pipeline.CallAudio` decodes,
+endpoints and paces, and sends its frames from `handle_timer`, driven by the session's timer
+(docs/VOICE.md).
 """
 
 from __future__ import annotations
@@ -29,8 +27,18 @@ from voicerelay.transceiver.rtp import (
 class VoiceApp(Protocol):
     """What a session hands its incoming audio to."""
 
+    moves_timer: bool  # True if `on_rtp` can move `next_timer` (the server then reschedules)
+
     def on_rtp(self, packet: bytes, now: float) -> list[bytes]:
-        """Plain RTP in; plain RTP packets to send back out."""
+        """Plain RTP in; plain RTP packets to send back out now."""
+        ...
+
+    def next_timer(self) -> float | None:
+        """When the app next wants `handle_timer` (None: no timer)."""
+        ...
+
+    def handle_timer(self, now: float) -> list[bytes]:
+        """Plain RTP packets due by `now`."""
         ...
 
 
@@ -72,8 +80,16 @@ class RtpSender:
 class EchoApp:
     """Sends every received Opus packet straight back: no decode, the server's own SSRC."""
 
+    moves_timer = False
+
     def __init__(self, ssrc: int) -> None:
         self.sender = RtpSender(ssrc)
+
+    def next_timer(self) -> float | None:
+        return None
+
+    def handle_timer(self, now: float) -> list[bytes]:
+        return []
 
     def on_rtp(self, packet: bytes, now: float) -> list[bytes]:
         header_size = plain_header_size(packet)

@@ -21,6 +21,8 @@ class TransceiverConfig:
     cluster_id: int = 0
     consent_timeout: float = 30.0
     max_sessions: int = 2000
+    agent_url: str | None = None  # a Realtime-compatible backend (ws/wss); None: echo calls
+    agent_key: str | None = None  # its API key (Authorization: Bearer)
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()
@@ -43,6 +45,11 @@ class TransceiverConfig:
             )
         if not 1 <= self.max_sessions <= 1_000_000:
             raise ConfigError(f"max sessions {self.max_sessions} is out of range: use 1-1000000")
+        if self.agent_url is not None and not self.agent_url.startswith(("ws://", "wss://")):
+            raise ConfigError(
+                f"--agent-url {self.agent_url!r} is not a WebSocket URL: "
+                "write e.g. ws://127.0.0.1:8765/v1/realtime"
+            )
         if not 0 <= self.cluster_id <= 65535:
             raise ConfigError(f"cluster id {self.cluster_id} is out of range: use 0-65535")
 

@@ -4,6 +4,11 @@ Datagrams arrive from relay workers as envelopes. STUN checks find their session
 ufrag in USERNAME (the routing token we minted); everything else by the client address, bound
 to a session by an authenticated check. Replies go back as envelopes to the relay worker that
 last sent for that client. A session's failure never touches another's state.
+
+A call's voice app is the codec-free echo, or (with a `VoiceAgent`) a decoded-audio
+`CallAudio` whose events the call's `AgentCall` hands to the agent's task. Each call also has an
+`EventFeed` of conversation events for pages. The address map changes only through the
+session's `AddressChanged` events.
 """
 
 from __future__ import annotations
@@ -20,10 +25,21 @@ from typing import Any
 
 from voicerelay.net import bind_udp
 from voicerelay.transceiver import sdp
-from voicerelay.transceiver.apps import EchoApp
+from voicerelay.transceiver.apps import EchoApp, VoiceApp
 from voicerelay.transceiver.certificate import Certificate
 from voicerelay.transceiver.config import TransceiverConfig
-from voicerelay.transceiver.session import IceConnected, Session, SessionClosed, SessionConfig
+from voicerelay.transceiver.feed import EventFeed
+from voicerelay.transceiver.session import (
+    AddressChanged,
+    DtlsConnected,
+    IceConnected,
+    Session,
+    SessionClosed,
+    SessionConfig,
+)
+from voicerelay.voice.app import AgentCall, VoiceAgent, run_agent
+from voicerelay.voice.bridge import BridgeConfig, RealtimeBridge
+from voicerelay.voice.pipeline import AudioConfig, CallAudio
 from voicerelay.wire import envelope, stun
 from voicerelay.wire.addr import Addr
 from voicerelay.wire.token import TokenKeys
@@ -32,6 +48,7 @@ log = logging.getLogger("voicerelay.transceiver")
 
 
 CLIENT_CACHE_LIMIT = 65536  # envelope headers remembered (cleared whole when full)
+AGENT_GRACE = 5.0  # seconds an agent may take to wind down after its call ended
 
 
 class SessionLimit(Exception):
@@ -46,11 +63,15 @@ class Call:
     ufrag: bytes
     session: Session
     created: float
+    feed: EventFeed  # conversation events for pages
     relay_for: dict[Addr, Addr] = field(default_factory=dict)  # client -> relay worker address
     headers: dict[Addr, bytes] = field(default_factory=dict)  # client -> its envelope header
     timer: float | None = None
     connected_at: float | None = None
     secure_at: float | None = None
+    agent_call: AgentCall | None = None  # the agent's handle (decoded-audio calls)
+    agent_task: asyncio.Task | None = None
+    moves_timer: bool = False  # media can move the session's timer (decoded audio)
 
 
 def _new_header(call: Call, client: Addr) -> bytes:
@@ -72,8 +93,12 @@ class TransceiverServer(asyncio.DatagramProtocol):
         keys: TokenKeys,
         certificate: Certificate | None = None,
         clock=time.monotonic,
+        agent: VoiceAgent | None = None,
     ) -> None:
         self.config = config
+        if agent is None and config.agent_url is not None:
+            agent = RealtimeBridge(BridgeConfig(config.agent_url, config.agent_key))
+        self.agent = agent  # None: every call is an echo
         self.keys = keys
         self.certificate = certificate or Certificate.generate()
         self.clock = clock
@@ -90,6 +115,7 @@ class TransceiverServer(asyncio.DatagramProtocol):
         self._timer_handle: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._clients: dict[bytes, Addr] = {}  # envelope header -> client (headers seen valid)
+        self._agent_tasks: set[asyncio.Task] = set()
 
     # Lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -109,6 +135,8 @@ class TransceiverServer(asyncio.DatagramProtocol):
         for call in list(self.calls.values()):
             call.session.close(now, "server-stopped")
             self._flush(call, now)
+        for task in self._agent_tasks:
+            task.cancel()
         if self._timer_handle is not None:
             self._timer_handle.cancel()
         if self.transport is not None:
@@ -125,6 +153,15 @@ class TransceiverServer(asyncio.DatagramProtocol):
         pwd = random_ice_password()
         ssrc = int.from_bytes(os.urandom(4), "big")
         dtls_role = sdp.answer_dtls_role(offer)
+        app: VoiceApp
+        if self.agent is None:
+            app = EchoApp(ssrc)
+        else:
+            app = CallAudio(
+                ssrc=ssrc,
+                payload_type=offer.opus_pt,
+                config=AudioConfig(agent_rate=self.agent.sample_rate),
+            )
         session = Session(
             ice_role="lite",
             local_ufrag=ufrag,
@@ -135,11 +172,16 @@ class TransceiverServer(asyncio.DatagramProtocol):
             certificate=self.certificate,
             remote_fingerprint=offer.fingerprint,
             now=now,
-            app=EchoApp(ssrc),
+            app=app,
             config=self.session_config,
             ssrc=ssrc,
         )
-        call = Call(os.urandom(8).hex(), ufrag.encode(), session, now)
+        call = Call(os.urandom(8).hex(), ufrag.encode(), session, now, EventFeed(now))
+        if isinstance(app, CallAudio):
+            call.moves_timer = True
+            call.agent_call = AgentCall(
+                call.id, app, wake=lambda: self._wake(call), clock=self.clock, feed=call.feed
+            )
         self.calls[call.id] = call
         self.by_ufrag[call.ufrag] = call
         self._schedule(call)
@@ -169,7 +211,15 @@ class TransceiverServer(asyncio.DatagramProtocol):
         call = self.calls.get(call_id)
         if call is None:
             return None
-        return {"id": call.id, "age": self.clock() - call.created, **call.session.stats}
+        stats = {"id": call.id, "age": self.clock() - call.created, **call.session.stats}
+        if call.agent_call is not None:
+            stats["audio"] = call.agent_call.audio.stats
+        return stats
+
+    def feed(self, call_id: str) -> EventFeed | None:
+        """The conversation events of a session (None: no such session)."""
+        call = self.calls.get(call_id)
+        return call.feed if call is not None else None
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -178,6 +228,8 @@ class TransceiverServer(asyncio.DatagramProtocol):
             "counters": dict(self.counters),
             "closed": dict(self.closed_reasons),
             "states": dict(Counter(c.session.state for c in self.calls.values())),
+            "app": "echo" if self.agent is None else type(self.agent).__name__,
+            "agent": dict(getattr(self.agent, "counters", {})),
         }
 
     # Datagrams --------------------------------------------------------------------------------
@@ -213,8 +265,8 @@ class TransceiverServer(asyncio.DatagramProtocol):
         except Exception:  # a bug in one session must not take the process down
             log.exception("session %s failed on input; closing it", call.id)
             session.close(now, "internal-error")
-        if 127 < first < 192 and session.state == "secure":
-            self._send(call)  # media moves no timer and raises no event (see Session)
+        if 127 < first < 192 and session.state == "secure" and not call.moves_timer:
+            self._send(call)  # echo media moves no timer and raises no event (see Session)
         else:
             self._flush(call, now)
 
@@ -247,28 +299,55 @@ class TransceiverServer(asyncio.DatagramProtocol):
                 transport.sendto(header + datagram, relay)
 
     def _flush(self, call: Call, now: float) -> None:
+        """After any input to a call: send, act on its events, hand the agent its events,
+        re-arm its timer."""
         session = call.session
         self._send(call)
         for event in session.events():
             if isinstance(event, IceConnected):
                 call.connected_at = call.connected_at or now
+            elif isinstance(event, AddressChanged):
+                if event.addr is not None:
+                    self.by_client[event.addr] = call  # nominated (or re-nominated) address
+            elif isinstance(event, DtlsConnected):
+                call.secure_at = now
+                call.feed.publish("call.started", now)
+                self._start_agent(call, now)
             elif isinstance(event, SessionClosed):
-                self._reap(call, event.reason)
+                self._reap(call, event.reason, now)
                 return
-        selected = session.ice.selected
-        if selected is not None and self.by_client.get(selected) is not call:
-            self.by_client[selected] = call  # nominated (or re-nominated) client address
-        if call.secure_at is None and session.state == "secure":
-            call.secure_at = now
+        if call.agent_call is not None:
+            call.agent_call.deliver()
         self._schedule(call)
 
-    def _reap(self, call: Call, reason: str) -> None:
+    def _wake(self, call: Call) -> None:
+        """The agent queued or dropped audio: send what is due and re-arm the call's timer."""
+        if self.calls.get(call.id) is call:
+            self._flush(call, self.clock())
+
+    def _start_agent(self, call: Call, now: float) -> None:
+        if call.agent_call is None or self.agent is None:
+            return
+        call.agent_call.audio.start(now)
+        task = asyncio.get_running_loop().create_task(run_agent(self.agent, call.agent_call))
+        call.agent_task = task
+        self._agent_tasks.add(task)
+        task.add_done_callback(self._agent_tasks.discard)
+
+    def _reap(self, call: Call, reason: str, now: float) -> None:
         self.calls.pop(call.id, None)
         self.by_ufrag.pop(call.ufrag, None)
         for client, owner in list(self.by_client.items()):
             if owner is call:
                 del self.by_client[client]
         self.closed_reasons[reason] += 1
+        if call.agent_call is not None:
+            call.agent_call.audio.end(now, reason)
+            call.agent_call.deliver()
+            task = call.agent_task
+            if task is not None and not task.done():
+                asyncio.get_running_loop().call_later(AGENT_GRACE, task.cancel)
+        call.feed.close(now, reason)
         log.info("session %s closed: %s", call.id, reason)
 
     # One timer for all sessions ---------------------------------------------------------------

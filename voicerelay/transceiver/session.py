@@ -3,7 +3,8 @@
     session.receive(datagram, addr, now)      # whatever arrived for this call
     session.datagrams_to_send()               # [(datagram, addr)] to put on the wire
     session.next_timer() / handle_timer(now)  # retransmission, consent, RTCP
-    session.events()                          # IceConnected, DtlsConnected, RtpReceived, SessionClosed
+    session.events()                          # IceConnected, AddressChanged, DtlsConnected,
+                                              # RtpReceived, SessionClosed
 
 Role "lite" is the server (answers checks, hands audio to the app); role "controlling" is a
 client (sends checks and media with `send_rtp`). No sockets, threads or clock reads here.
@@ -69,6 +70,13 @@ class IceConnected:
 
 
 @dataclass
+class AddressChanged:
+    """Media now goes to `addr` (first nomination included); None once the call is closed."""
+
+    addr: Addr | None
+
+
+@dataclass
 class DtlsConnected:
     profile: str
 
@@ -83,15 +91,16 @@ class SessionClosed:
     reason: str
 
 
-Event = IceConnected | DtlsConnected | RtpReceived | SessionClosed
+Event = IceConnected | AddressChanged | DtlsConnected | RtpReceived | SessionClosed
 
 
 class Session:
     """The whole state of one call.
 
-    Media (SRTP/SRTCP in, `send_rtp` out) moves no timer and changes no state; with an app
-    it raises no event either. The server's hot path relies on that: after media in a secure
-    session it only sends (see `TransceiverServer.datagram_received`).
+    Media (SRTP/SRTCP in, `send_rtp` out) changes no state and, with an app whose
+    `moves_timer` is False (echo), moves no timer and raises no event: the server's hot path
+    relies on that and after such media only sends (see `TransceiverServer.datagram_received`).
+    The app's own timer (a decoded-audio app paces its output on it) is part of `next_timer`.
     Counters are plain attributes (named in `COUNTER_NAMES`); `counters` reads them as a dict.
     """
 
@@ -186,9 +195,14 @@ class Session:
                 self._out.append((response, addr))
         else:
             self.ice.handle(data, addr, now)
-        self._media_to = self.ice.selected
+        self._set_media_to(self.ice.selected)
         if not was_connected and self.ice.selected is not None:
             self._on_ice_connected(now)
+
+    def _set_media_to(self, addr: Addr | None) -> None:
+        if addr != self._media_to:
+            self._media_to = addr
+            self._events.append(AddressChanged(addr))
 
     def _on_ice_connected(self, now: float) -> None:
         assert self.ice.selected is not None
@@ -313,7 +327,8 @@ class Session:
         candidates = [
             self.ice.consent_deadline() if isinstance(self.ice, IceLite) else self.ice.next_timer()
         ]
-        for t in (self.dtls.next_timer(), self._next_rtcp):
+        app_timer = self.app.next_timer() if self.app is not None and self.srtp else None
+        for t in (self.dtls.next_timer(), self._next_rtcp, app_timer):
             if t is not None:
                 candidates.append(t)
         return min(candidates)
@@ -330,7 +345,12 @@ class Session:
         self.dtls.handle_timer(now)
         self._flush_dtls()
         self._after_dtls(before, now)
-        if self._next_rtcp is not None and now >= self._next_rtcp and self.state == "secure":
+        if self.state != "secure":
+            return
+        if self.app is not None:
+            for packet in self.app.handle_timer(now):
+                self.send_rtp(packet, now)
+        if self._next_rtcp is not None and now >= self._next_rtcp:
             self._next_rtcp = now + self.config.rtcp_interval
             self._send_rtcp(now)
 
@@ -373,7 +393,7 @@ class Session:
             self.dtls.close()
             self._flush_dtls()
         self.state = "closed"
-        self._media_to = None
+        self._set_media_to(None)
         self.close_reason = reason
         self._events.append(SessionClosed(reason))
 

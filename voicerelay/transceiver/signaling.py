@@ -3,20 +3,26 @@
 POST   /v1/sessions        application/sdp offer -> 201, the answer, Location
 DELETE /v1/sessions/{id}   end the session -> 204
 GET    /v1/sessions/{id}   that session's stats (JSON)
+GET    /v1/sessions/{id}/events   its conversation events (Server-Sent Events, docs/VOICE.md)
 GET    /v1/stats           the transceiver's counters (JSON)
 GET    /healthz            200 "ok"
-GET    /                   the demo page (voicerelay/transceiver/web/)
+GET    /                   the demo page (voicerelay/transceiver/web/), its files under /static/
+GET    /favicon.ico        the page's icon (SVG)
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from voicerelay.transceiver.config import TransceiverConfig
+from voicerelay.transceiver.feed import EventFeed
 from voicerelay.transceiver.sdp import SdpError
 from voicerelay.transceiver.server import SessionLimit, TransceiverServer
 from voicerelay.wire.token import load_keys
@@ -25,6 +31,15 @@ log = logging.getLogger("voicerelay.signaling")
 WEB_DIR = Path(__file__).with_name("web")
 MAX_OFFER = 64 * 1024
 SERVER_KEY = web.AppKey("server", TransceiverServer)
+KEEPALIVE_S = 15.0  # a comment line on an event stream after this much quiet
+KEEPALIVE_KEY = web.AppKey("events_keepalive", float)
+STREAMS_KEY = web.AppKey("event_streams", set[asyncio.Event])  # one stop signal per open stream
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # a proxy in front must not hold events back
+}
+KEEPALIVE_LINE = b": keepalive\n\n"
 
 
 def _text(status: int, message: str) -> web.Response:
@@ -69,9 +84,82 @@ async def get_session(request: web.Request) -> web.Response:
 
 
 def _dumps(obj: object) -> str:
-    import json
-
     return json.dumps(obj, default=str)
+
+
+def sse_message(event: dict[str, Any]) -> bytes:
+    """One Server-Sent Events message: `data: <compact json>` and a blank line."""
+    data = json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
+    return b"data: " + data.encode() + b"\n\n"
+
+
+async def get_events(request: web.Request) -> web.StreamResponse:
+    """The session's conversation events as they happen, backlog first."""
+    feed: EventFeed | None = request.app[SERVER_KEY].feed(request.match_info["id"])
+    if feed is None:
+        return _text(404, "no such session")
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    await response.prepare(request)
+    stop = asyncio.Event()
+    streams = request.app[STREAMS_KEY]
+    streams.add(stop)
+    try:
+        await _stream_events(feed, response, stop, request.app[KEEPALIVE_KEY])
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client went away: nothing more to write
+    finally:
+        streams.discard(stop)
+    return response
+
+
+async def _stream_events(
+    feed: EventFeed, response: web.StreamResponse, stop: asyncio.Event, keepalive: float
+) -> None:
+    """Write the feed's events to `response` until the feed closes or `stop` is set; a
+    keepalive comment after `keepalive` seconds of quiet. Leaves no task behind."""
+    events = feed.subscribe()
+    stopping = asyncio.ensure_future(stop.wait())
+    pending: asyncio.Task[dict[str, Any] | None] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.create_task(_next(events))
+            done, _ = await asyncio.wait(
+                {pending, stopping}, timeout=keepalive, return_when=asyncio.FIRST_COMPLETED
+            )
+            if stopping in done:
+                return
+            if pending not in done:
+                await response.write(KEEPALIVE_LINE)
+                continue
+            event, pending = pending.result(), None
+            if event is None:
+                return  # the feed closed
+            await response.write(sse_message(event))
+    finally:
+        await _cancel(stopping, pending)
+        await events.aclose()
+
+
+async def _next(events: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
+    """The next event, or None when the feed has ended."""
+    return await anext(events, None)
+
+
+async def _cancel(*futures: asyncio.Future[Any] | None) -> None:
+    """Cancel helper tasks and wait until they are done."""
+    live = [f for f in futures if f is not None and not f.done()]
+    for future in live:
+        future.cancel()
+    if live:
+        await asyncio.wait(live)
+
+
+async def _end_streams(app: web.Application) -> None:
+    """On shutdown, end every open event stream instead of waiting for its feed."""
+    for stop in app[STREAMS_KEY]:
+        stop.set()
 
 
 async def get_stats(request: web.Request) -> web.Response:
@@ -89,18 +177,39 @@ async def index(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(page)
 
 
-def make_app(server: TransceiverServer) -> web.Application:
+async def favicon(request: web.Request) -> web.StreamResponse:
+    icon = WEB_DIR / "favicon.svg"
+    if not icon.exists():
+        return _text(404, "no icon installed")
+    return web.FileResponse(icon, headers={"Content-Type": "image/svg+xml"})
+
+
+def make_app(server: TransceiverServer, *, keepalive: float = KEEPALIVE_S) -> web.Application:
+    """The signaling routes and the demo page for `server`."""
     app = web.Application(client_max_size=MAX_OFFER * 2)
     app[SERVER_KEY] = server
+    app[KEEPALIVE_KEY] = keepalive
+    app[STREAMS_KEY] = set()
+    app.on_shutdown.append(_end_streams)
     app.router.add_post("/v1/sessions", post_session)
     app.router.add_delete("/v1/sessions/{id}", delete_session)
     app.router.add_get("/v1/sessions/{id}", get_session)
+    app.router.add_get("/v1/sessions/{id}/events", get_events)
     app.router.add_get("/v1/stats", get_stats)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/", index)
+    app.router.add_get("/favicon.ico", favicon)
     if WEB_DIR.is_dir():
         app.router.add_static("/static/", WEB_DIR)
     return app
+
+
+def make_runner(server: TransceiverServer, **app_options: Any) -> web.AppRunner:
+    """The app in a runner that cancels a handler whose client went away (an event stream
+    then ends at once, not at its next keepalive)."""
+    return web.AppRunner(
+        make_app(server, **app_options), access_log=None, handler_cancellation=True
+    )
 
 
 class Transceiver:
@@ -114,7 +223,7 @@ class Transceiver:
 
     async def start(self) -> None:
         await self.server.start()
-        self._runner = web.AppRunner(make_app(self.server), access_log=None)
+        self._runner = make_runner(self.server)
         await self._runner.setup()
         site = web.TCPSite(self._runner, *self.config.http)
         await site.start()

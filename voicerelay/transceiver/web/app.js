@@ -1,11 +1,20 @@
-// voicerelay demo: one WebRTC call to the echo app through the relay, with live stats.
+// voicerelay demo: one WebRTC call through the relay to the transceiver's voice agent (or its
+// echo app), with the conversation as it happens (Server-Sent Events) and live call figures.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 // How long ICE + DTLS may take before the page calls the call failed (?connect_timeout=s).
 const CONNECT_TIMEOUT_S = Number(new URLSearchParams(location.search).get("connect_timeout")) || 10;
-const call = { pc: null, stream: null, location: null, timer: null, connectTimer: null };
+const call = {
+  pc: null, stream: null, location: null, timer: null, connectTimer: null,
+  feed: null,       // the EventSource of the call's conversation events
+  events: [],       // every conversation event received, in order
+  transcript: [],   // one entry per bubble: {who: "you" | "agent", text, interrupted}
+  speaking: "nobody",
+};
 window.voicerelay = call; // for tests and the curious
+
+// ---- Call state ------------------------------------------------------------------------------
 
 function setState(text, kind) {
   const el = $("state");
@@ -20,6 +29,18 @@ function showError(message) {
   if (message) setState("failed", "failed");
 }
 
+function setInCall(inCall) {
+  $("talk").disabled = inCall;
+  $("conversation-empty").textContent = inCall
+    ? "Listening: say something. (The echo app only plays your voice back, so nothing shows here with it.)"
+    : "Press Talk and say something: what you say and what the agent answers appears here.";
+}
+
+function resetMeters() {
+  $("level-in").value = 0;
+  $("level-out").value = 0;
+}
+
 function waitForIceGathering(pc, ms) {
   if (pc.iceGatheringState === "complete") return Promise.resolve();
   return new Promise((resolve) => {
@@ -32,12 +53,13 @@ function waitForIceGathering(pc, ms) {
 
 async function talk() {
   showError("");
-  $("talk").disabled = true;
+  setInCall(true);
+  resetConversation();
   setState("starting microphone", "connecting");
   try {
     call.stream = await navigator.mediaDevices.getUserMedia({ audio: true, video: false });
   } catch (err) {
-    $("talk").disabled = false;
+    setInCall(false);
     showError("Microphone unavailable: " + err.message);
     return;
   }
@@ -47,9 +69,10 @@ async function talk() {
   pc.ontrack = (ev) => {
     const audio = $("remote");
     audio.srcObject = ev.streams[0] || new MediaStream([ev.track]);
-    audio.play().catch((err) => showError("Cannot play the echo: " + err.message));
+    audio.play().catch((err) => showError("Cannot play the incoming audio: " + err.message));
   };
   pc.onconnectionstatechange = () => {
+    if (call.pc !== pc) return;
     const s = pc.connectionState;
     $("pc-state").textContent = s;
     if (s === "connected") { clearTimeout(call.connectTimer); setState("connected", "connected"); }
@@ -62,26 +85,41 @@ async function talk() {
   pc.oniceconnectionstatechange = () => { $("ice-state").textContent = pc.iceConnectionState; };
 
   setState("connecting", "connecting");
-  await pc.setLocalDescription(await pc.createOffer());
-  await waitForIceGathering(pc, 1500);
-  let resp;
+  let offer;
+  try {
+    await pc.setLocalDescription(await pc.createOffer());
+    await waitForIceGathering(pc, 1500);
+    offer = pc.localDescription.sdp;
+  } catch (err) {
+    hangup(false, true);
+    showError("The browser could not make an offer: " + err.message);
+    return;
+  }
+  let resp, body;
   try {
     resp = await fetch("/v1/sessions", {
-      method: "POST", headers: { "Content-Type": "application/sdp" }, body: pc.localDescription.sdp,
+      method: "POST", headers: { "Content-Type": "application/sdp" }, body: offer,
     });
+    body = await resp.text();
   } catch (err) {
-    hangup(false);
+    hangup(false, true);
     showError("Signaling is unreachable: " + err.message);
     return;
   }
-  const body = await resp.text();
   if (resp.status !== 201) {
-    hangup(false);
+    hangup(false, true);
     showError(`Signaling refused the call: HTTP ${resp.status} ${body.trim()}`);
     return;
   }
   call.location = resp.headers.get("Location");
-  await pc.setRemoteDescription({ type: "answer", sdp: body });
+  openFeed(call.location);
+  try {
+    await pc.setRemoteDescription({ type: "answer", sdp: body });
+  } catch (err) {
+    hangup(true, true);
+    showError("The answer was not usable: " + err.message);
+    return;
+  }
   $("hangup").disabled = false;
   call.connectTimer = setTimeout(() => {
     if (pc.connectionState !== "connected") {
@@ -98,7 +136,9 @@ function fmt(n) { return n === undefined || n === null ? "-" : String(n); }
 async function updateStats() {
   const pc = call.pc;
   if (!pc) return;
-  const report = await pc.getStats();
+  let report;
+  try { report = await pc.getStats(); } catch (err) { return; } // closed meanwhile
+  if (call.pc !== pc) return; // hung up while the report was on its way: leave the idle figures
   let pair = null;
   const byId = {};
   report.forEach((s) => { byId[s.id] = s; });
@@ -134,17 +174,221 @@ async function updateStats() {
 async function hangup(sendDelete = true, failed = false) {
   clearInterval(call.timer);
   clearTimeout(call.connectTimer);
-  if (sendDelete && call.location) {
-    try { await fetch(call.location, { method: "DELETE" }); } catch (err) { /* the page is closing */ }
-  }
+  closeFeed();
+  const where = call.location;
   if (call.pc) call.pc.close();
   if (call.stream) call.stream.getTracks().forEach((t) => t.stop());
   call.pc = null; call.stream = null; call.location = null;
-  $("talk").disabled = false;
   $("hangup").disabled = true;
-  $("level-in").value = 0; $("level-out").value = 0;
+  resetMeters();
+  setSpeaking(false, false);
+  if (sendDelete && where) {
+    try { await fetch(where, { method: "DELETE" }); } catch (err) { /* the page is closing */ }
+  }
+  setInCall(false);
   if (!failed) setState("idle", "idle");
+}
+
+// ---- Conversation events (docs/VOICE.md) ------------------------------------------------------
+
+const convo = { turns: [], agentByItem: new Map(), user: false, agent: false };
+
+function resetConversation() {
+  call.events = [];
+  call.transcript = [];
+  convo.turns = [];
+  convo.agentByItem = new Map();
+  $("conversation").replaceChildren();
+  $("conversation-empty").hidden = false;
+  showNotice("");
+  setSpeaking(false, false);
+}
+
+// The session's events: its Location (relative to this page) + "/events".
+function openFeed(sessionLocation) {
+  closeFeed();
+  const source = new EventSource(new URL(sessionLocation + "/events", location.href));
+  call.feed = source;
+  source.onmessage = (message) => {
+    let event;
+    try { event = JSON.parse(message.data); } catch (err) { return; }
+    if (!event || typeof event.type !== "string") return;
+    call.events.push(event);
+    applyEvent(event);
+  };
+  // The server ends the stream only with the call. Reconnecting would replay its backlog (and
+  // repeat bubbles), so a broken stream stays closed and the page says so.
+  source.onerror = () => {
+    if (call.feed !== source) return;
+    closeFeed();
+    if (call.pc) showNotice("Live conversation updates stopped: the event stream broke off.");
+  };
+}
+
+function closeFeed() {
+  if (call.feed) call.feed.close();
+  call.feed = null;
+}
+
+function applyEvent(ev) {
+  switch (ev.type) {
+    case "user.speech_started":
+      if (!openUserTurn()) addTurn("you");
+      setSpeaking(true, convo.agent);
+      break;
+    case "user.turn_ended": {
+      const turn = openUserTurn() || addTurn("you");
+      turn.ended = true;
+      setSpeaking(false, convo.agent);
+      break;
+    }
+    case "user.transcript":
+      userTranscript(ev.item_id, String(ev.text ?? ""));
+      break;
+    case "agent.speaking":
+      agentTurn(ev.item_id);
+      setSpeaking(convo.user, true);
+      break;
+    case "agent.transcript":
+      agentTranscript(agentTurn(ev.item_id), String(ev.text ?? ""), Boolean(ev.final));
+      break;
+    case "agent.done":
+      finishAgentTurn(playingTurn(ev.item_id), null);
+      setSpeaking(convo.user, false);
+      break;
+    case "agent.interrupted":
+      finishAgentTurn(playingTurn(ev.item_id), Number(ev.sent_ms) || 0);
+      setSpeaking(convo.user, false);
+      break;
+    case "agent.unavailable":
+      showNotice(`The agent is unavailable (${ev.reason || "no reason given"}), so you hear a ` +
+        "short prompt instead of an answer.");
+      break;
+    case "call.ended":
+      convo.turns.filter((t) => !t.transcribed && !t.entry.text)
+        .forEach((t) => setText(t, "", "(no transcript)"));
+      setSpeaking(false, false);
+      closeFeed();
+      break;
+    default: // call.started and anything newer than this page: nothing to draw
+  }
+}
+
+// A bubble: {who, el, textEl, noteEl, entry (its object in call.transcript), ended, itemId,
+// transcribed (the person's turn got its transcript)}.
+function addTurn(who) {
+  const el = document.createElement("li");
+  el.className = `turn ${who} pending`;
+  const label = document.createElement("span");
+  label.className = "who";
+  label.textContent = who === "you" ? "You" : "Agent";
+  const textEl = document.createElement("p");
+  textEl.className = "text";
+  textEl.textContent = "…";
+  const noteEl = document.createElement("p");
+  noteEl.className = "note";
+  noteEl.hidden = true;
+  el.append(label, textEl, noteEl);
+  const entry = { who, text: "", interrupted: false };
+  const turn = { who, el, textEl, noteEl, entry, ended: false, itemId: null, transcribed: false };
+  convo.turns.push(turn);
+  call.transcript.push(entry);
+  keepingScrolled(() => $("conversation").append(el));
+  $("conversation-empty").hidden = true;
+  return turn;
+}
+
+function setText(turn, text, shown) {
+  keepingScrolled(() => {
+    turn.entry.text = text;
+    turn.textEl.textContent = shown ?? (text || "…");
+    turn.el.classList.toggle("pending", !text);
+  });
+}
+
+// Change the list; if it was scrolled to its end, keep its end in view.
+function keepingScrolled(change) {
+  const list = $("conversation");
+  const atEnd = list.scrollHeight - list.scrollTop - list.clientHeight < 24;
+  change();
+  if (atEnd) list.scrollTop = list.scrollHeight;
+}
+
+// The person's bubble still being spoken (started, turn not ended yet).
+function openUserTurn() {
+  return convo.turns.find((t) => t.who === "you" && !t.ended) || null;
+}
+
+// A transcript belongs to the person's oldest turn still waiting for one (ended turns first).
+function userTranscript(itemId, text) {
+  const mine = convo.turns.filter((t) => t.who === "you");
+  let turn = (itemId && mine.find((t) => t.itemId === itemId)) ||
+    mine.find((t) => t.ended && !t.transcribed) ||
+    mine.find((t) => !t.transcribed);
+  if (!turn) {
+    turn = addTurn("you");
+    turn.ended = true; // its start and end went by unseen
+  }
+  turn.itemId = itemId || null;
+  turn.transcribed = true;
+  setText(turn, text, text || "(no words recognised)");
+}
+
+function agentTurn(itemId) {
+  const key = itemId || "";
+  let turn = convo.agentByItem.get(key);
+  if (!turn) {
+    turn = addTurn("agent");
+    turn.itemId = itemId || null;
+    turn.el.setAttribute("aria-busy", "true");
+    convo.agentByItem.set(key, turn);
+  }
+  return turn;
+}
+
+// The reply an agent.done / agent.interrupted is about: by item, else the latest unfinished one.
+function playingTurn(itemId) {
+  if (itemId) return agentTurn(itemId);
+  return convo.turns.findLast((t) => t.who === "agent" && !t.ended) || null;
+}
+
+function agentTranscript(turn, text, final) {
+  if (final) {
+    setText(turn, text || turn.entry.text);
+    turn.el.setAttribute("aria-busy", "false");
+  } else {
+    setText(turn, turn.entry.text + text);
+  }
+}
+
+// The reply went out whole (`interruptedMs` null) or was cut off by the person (barge-in).
+function finishAgentTurn(turn, interruptedMs) {
+  if (!turn) return;
+  turn.ended = true;
+  turn.el.setAttribute("aria-busy", "false");
+  if (interruptedMs === null) return;
+  turn.entry.interrupted = true;
+  turn.el.classList.add("interrupted");
+  turn.noteEl.textContent = `interrupted after ${(interruptedMs / 1000).toFixed(1)} s`;
+  turn.noteEl.hidden = false;
+}
+
+function setSpeaking(user, agent) {
+  convo.user = user;
+  convo.agent = agent;
+  const who = user ? "you" : agent ? "agent" : "nobody";
+  call.speaking = who;
+  $("speaking").dataset.who = who;
+  $("speaking-who").textContent = who;
+}
+
+function showNotice(message) {
+  const el = $("notice");
+  el.textContent = message;
+  el.hidden = !message;
 }
 
 $("talk").addEventListener("click", talk);
 $("hangup").addEventListener("click", () => hangup(true));
+resetMeters();
+setInCall(false);

@@ -1,0 +1,1 @@
+"""The offline reference agent: a Realtime-subset server with local speech recognition and speech."""

@@ -1,0 +1,1 @@
+"""Decoded audio for voice agents: Opus, jitter buffer, pacing, endpointing, the app API."""

@@ -16,12 +16,13 @@ $(VENV)/.test: $(VENV)/.runtime pyproject.toml
 	$(PIP) install -q -e '.[agent,test]'
 	touch $@
 
-install-system:            ## Debian packages the tests drive: redis-server, chromium
+install-system:            ## Debian packages: redis-server, chromium (tests), espeak-ng (the agent)
 	bash scripts/install-system-deps.sh
 
 install: install-system $(VENV)/.test   ## everything: system packages, venv, test deps
 
-run: $(VENV)/.runtime      ## the whole local stack on embedded defaults
+run: $(VENV)/.runtime      ## the whole local stack on embedded defaults (installs espeak-ng if missing)
+	@command -v espeak-ng >/dev/null 2>&1 || bash scripts/install-system-deps.sh espeak-ng
 	$(VENV)/bin/relayctl up
 
 test: install              ## install everything, then the default suite

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the test suite drives for real: redis-server, chromium and
-# espeak-ng (the reference agent's voice).
-# Idempotent: does nothing when all are already on PATH.
+# Installs the Debian packages voicerelay drives for real: redis-server and chromium (tests) and
+# espeak-ng (the reference agent's voice). With package names as arguments, only those.
+# Idempotent: installs only what is missing.
 set -euo pipefail
+want=("$@")
+[ ${#want[@]} -eq 0 ] && want=(redis-server chromium espeak-ng)
 need=()
-command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
-[ -x /usr/bin/chromium ] || need+=(chromium)
-command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
+for pkg in "${want[@]}"; do
+  case "$pkg" in
+    chromium) [ -x /usr/bin/chromium ] || need+=(chromium) ;;
+    *) command -v "$pkg" >/dev/null 2>&1 || need+=("$pkg") ;;
+  esac
+done
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -21,7 +21,10 @@ from voicerelay.agent.asr import Transcriber
 
 pytestmark = pytest.mark.browser
 
-SAID = "what is the weather today"
+# Whisper tiny.en hears this phrase right through espeak-ng in both voices we tried ("what
+# is the weather today" often comes back as "... the winner today": the ASR's limit, not ours).
+SAID = "please call me back tomorrow morning"
+WORDS = ("call", "back", "tomorrow", "morning")
 
 # Starts recording what the page plays; STOP ends it and returns the webm as base64.
 RECORD = """() => { window.voicerelay.recording = (async () => {
@@ -39,7 +42,9 @@ RECORD = """() => { window.voicerelay.recording = (async () => {
   for (let i = 0; i < bytes.length; i++) binary += String.fromCharCode(bytes[i]);
   return btoa(binary);
 })(); }"""
-STOP = "async () => { window.voicerelay.stopRecording(); return await window.voicerelay.recording; }"
+STOP = (
+    "async () => { window.voicerelay.stopRecording(); return await window.voicerelay.recording; }"
+)
 
 
 def _spoken_wav(path, text: str) -> None:
@@ -110,8 +115,8 @@ def test_chromium_talks_to_the_reference_agent_and_hears_its_words_back(agent_st
             context.close()
 
     heard = Transcriber().transcribe(_decode_webm(blob)).lower()
-    assert "weather" in heard and "today" in heard, heard  # the agent said back our words
-    you = [t["text"].lower() for t in transcript if t["who"] == "you"]
-    agent = [t["text"].lower() for t in transcript if t["who"] == "agent"]
-    assert any("weather" in t for t in you), transcript  # the page shows the person's turn
-    assert any("you said" in t and "weather" in t for t in agent), transcript
+    assert "you said" in heard and all(w in heard for w in WORDS), heard  # our words came back
+    you = " ".join(t["text"].lower() for t in transcript if t["who"] == "you")
+    agent = " ".join(t["text"].lower() for t in transcript if t["who"] == "agent")
+    assert all(w in you for w in WORDS), transcript  # the page shows the person's turn
+    assert "you said" in agent and all(w in agent for w in WORDS), transcript

@@ -77,7 +77,7 @@ class EventFeed:
         try:
             for event in backlog:
                 yield event
-            while live and (event := await queue.get()) is not None:
+            while live and (event := await queue.get()) is not _END:
                 yield event
         finally:
             if queue in self._subscribers:

@@ -29,7 +29,6 @@ import numpy as np
 
 from voicerelay.voice.events import (
     CallEnded,
-    CallStarted,
     Interrupted,
     PlaybackDone,
     SpeechStarted,
@@ -125,9 +124,7 @@ class AgentCall:
         feed = self._feed
         if feed is None:
             return
-        if isinstance(event, CallStarted):
-            feed.publish("call.started", event.at)
-        elif isinstance(event, SpeechStarted):
+        if isinstance(event, SpeechStarted):  # (call.started: the server, for every app)
             feed.publish("user.speech_started", event.at)
         elif isinstance(event, TurnEnded):
             feed.publish("user.turn_ended", event.at, speech_ms=event.speech_ms)

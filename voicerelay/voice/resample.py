@@ -2,11 +2,13 @@
 
 soxr keeps its output aligned with its input (linear phase, no leading delay in the samples),
 so what a stream costs in latency is the audio it holds back between calls. `delay_ms` is that
-hold-back measured once per (in rate, out rate, quality): a scratch stream is fed 0.5 s of
-silence in 20 ms chunks (the call path's frame), and the mean over chunks (after the first
-100 ms) of input duration fed minus output duration returned is the figure. It varies per chunk
-(soxr works in blocks): for MQ at 48 <-> 24 kHz about 21 ms on average, 4-39 ms per chunk; LQ
-halves it, QQ (cubic, no anti-aliasing filter) is near zero.
+hold-back measured once per (in rate, out rate, quality): a scratch stream is fed 2 s of
+silence in 20 ms chunks (the call path's frame), and after the first 200 ms, input duration fed
+minus output duration returned is taken after every chunk: `delay_ms` is its mean,
+`max_delay_ms` its peak. soxr works in blocks, so it swings from chunk to chunk: MQ at
+48 <-> 24 or 16 kHz holds 21 ms on average and up to 39 ms (two 20 ms frames); LQ about 11 and
+20 ms, at the price of a narrower passband (-2 dB at 0.4 of the lower rate, 6.4 kHz at 16 kHz,
+where MQ is still flat); QQ (cubic, no anti-aliasing filter) holds nothing.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ import soxr
 
 QUALITIES = ("QQ", "LQ", "MQ", "HQ", "VHQ")
 _PROBE_CHUNK_S = 0.02
-_PROBE_CHUNKS = 25
-_PROBE_WARMUP = 5
+_PROBE_CHUNKS = 100
+_PROBE_WARMUP = 10
 
 
 @cache
-def _stream_delay_ms(in_rate: int, out_rate: int, quality: str) -> float:
-    """Mean audio held back by a soxr stream fed 20 ms chunks (see the module docstring)."""
+def _stream_delay_ms(in_rate: int, out_rate: int, quality: str) -> tuple[float, float]:
+    """(mean, peak) ms of audio held back by a soxr stream fed 20 ms chunks (module doc)."""
     stream = soxr.ResampleStream(in_rate, out_rate, 1, dtype="int16", quality=quality)
     chunk = np.zeros(max(1, round(in_rate * _PROBE_CHUNK_S)), np.int16)
     fed = returned = 0
@@ -34,7 +36,7 @@ def _stream_delay_ms(in_rate: int, out_rate: int, quality: str) -> float:
         returned += len(stream.resample_chunk(chunk))
         if i >= _PROBE_WARMUP:
             lags.append(fed / in_rate - returned / out_rate)
-    return 1000.0 * sum(lags) / len(lags)
+    return 1000.0 * sum(lags) / len(lags), 1000.0 * max(lags)
 
 
 class Resampler:
@@ -47,7 +49,7 @@ class Resampler:
             raise ValueError(f"resampler quality {quality!r} is unknown: use one of {QUALITIES}")
         self.in_rate, self.out_rate, self.quality = in_rate, out_rate, quality
         self._stream = self._new_stream()
-        self._delay_ms = 0.0 if self._stream is None else _stream_delay_ms(*self._key)
+        self._delay = (0.0, 0.0) if self._stream is None else _stream_delay_ms(*self._key)
 
     @property
     def _key(self) -> tuple[int, int, str]:
@@ -79,4 +81,9 @@ class Resampler:
     @property
     def delay_ms(self) -> float:
         """Mean audio held back when fed 20 ms chunks, measured once per rate pair and quality."""
-        return self._delay_ms
+        return self._delay[0]
+
+    @property
+    def max_delay_ms(self) -> float:
+        """The most audio held back after any 20 ms chunk (same measurement)."""
+        return self._delay[1]

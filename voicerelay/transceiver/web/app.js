@@ -36,6 +36,13 @@ function setInCall(inCall) {
     : "Press Talk and say something: what you say and what the agent answers appears here.";
 }
 
+const FIGURES = ["pc-state", "ice-state", "dtls-state", "rtt", "sent", "lost-out", "received",
+  "lost-in", "route"];
+
+function resetFigures() {
+  FIGURES.forEach((id) => { $(id).textContent = "-"; });
+}
+
 function resetMeters() {
   $("level-in").value = 0;
   $("level-out").value = 0;
@@ -55,6 +62,7 @@ async function talk() {
   showError("");
   setInCall(true);
   resetConversation();
+  resetFigures();
   setState("starting microphone", "connecting");
   try {
     call.stream = await navigator.mediaDevices.getUserMedia({ audio: true, video: false });
@@ -175,18 +183,22 @@ async function hangup(sendDelete = true, failed = false) {
   clearInterval(call.timer);
   clearTimeout(call.connectTimer);
   closeFeed();
-  const where = call.location;
-  if (call.pc) call.pc.close();
-  if (call.stream) call.stream.getTracks().forEach((t) => t.stop());
-  call.pc = null; call.stream = null; call.location = null;
+  const { pc, stream, location: where } = call;
+  call.pc = null; call.stream = null; call.location = null; // its handlers now stand down
   $("hangup").disabled = true;
   resetMeters();
   setSpeaking(false, false);
+  // DELETE before closing the peer connection: the session ends as "deleted", not by the
+  // DTLS close that pc.close() sends.
   if (sendDelete && where) {
     try { await fetch(where, { method: "DELETE" }); } catch (err) { /* the page is closing */ }
   }
+  if (pc) pc.close();
+  if (stream) stream.getTracks().forEach((t) => t.stop());
   setInCall(false);
-  if (!failed) setState("idle", "idle");
+  if (failed) return; // the states show what went wrong
+  setState("idle", "idle");
+  if (pc) ["pc-state", "ice-state", "dtls-state"].forEach((id) => { $(id).textContent = "closed"; });
 }
 
 // ---- Conversation events (docs/VOICE.md) ------------------------------------------------------

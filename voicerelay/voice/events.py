@@ -69,4 +69,6 @@ class CallEnded:
     reason: str
 
 
-VoiceEvent = CallStarted | AudioIn | SpeechStarted | TurnEnded | Interrupted | PlaybackDone | CallEnded
+VoiceEvent = (
+    CallStarted | AudioIn | SpeechStarted | TurnEnded | Interrupted | PlaybackDone | CallEnded
+)

@@ -142,6 +142,7 @@ async def test_a_refused_connection_plays_the_prompt_and_keeps_the_call(tmp_path
         ("not-json", "garbage"),
         ("oversized", "oversized"),
         ("bad-audio", "odd-audio"),
+        ("response-failed", "failed"),
     ],
 )
 async def test_a_broken_backend_is_counted_and_the_caller_told(tmp_path, reason, misbehave):
@@ -154,6 +155,8 @@ async def test_a_broken_backend_is_counted_and_the_caller_told(tmp_path, reason,
             await ws.send_str("{this is not json")
         elif misbehave == "oversized":
             await ws.send_str(json.dumps({"type": "response.output_audio.delta", "x": "a" * 2**21}))
+        elif misbehave == "failed":
+            await ws.send_str(realtime.server_response_done("resp_1", "failed"))
         elif misbehave == "odd-audio":
             bad = json.dumps(
                 {

@@ -266,6 +266,8 @@ class _BridgedCall:
                 self.response_id = None
             self.cancelled.discard(event.response_id)
             self._disarm()
+            if event.status == "failed":
+                self._fail(BackendFailure("response-failed", event.response_id))
         elif isinstance(event, realtime.InputTranscript):
             call.publish("user.transcript", item_id=event.item_id, text=event.transcript)
         elif isinstance(event, realtime.TranscriptDelta):

@@ -28,8 +28,13 @@ run: $(VENV)/.runtime      ## the whole local stack on embedded defaults (instal
 test: install              ## install everything, then the default suite
 	$(PY) -m pytest -q
 
-test-fast: $(VENV)/.test   ## unit tests only (no processes, no browser)
-	$(PY) -m pytest -q tests/wire tests/shm tests/transceiver -m 'not browser'
+# The pure tests of tests/relay and tests/cli (their other files start relays and stacks).
+RELAY_UNIT := tests/relay/test_router.py tests/relay/test_mmsg.py tests/relay/test_control.py \
+              tests/relay/test_net.py tests/relay/test_spawn.py
+CLI_UNIT   := tests/cli/test_options.py tests/cli/test_turns.py
+
+test-fast: $(VENV)/.test   ## unit tests only (no relay processes, no browser)
+	$(PY) -m pytest -q tests/wire tests/shm $(RELAY_UNIT) $(CLI_UNIT) tests/transceiver -m 'not browser'
 
 bench: install             ## benchmarks: print tables, write bench/results/*.json (BENCH_ARGS=--quick)
 	$(PY) bench/run_all.py $(BENCH_ARGS)

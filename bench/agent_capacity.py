@@ -32,11 +32,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
 import os
 import pstats
 import random
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -61,8 +62,23 @@ from voicerelay.voice.opus import OpusEncoder
 from voicerelay.wire.addr import Addr
 from voicerelay.wire.token import write_new_secret
 
+# The transceiver under cProfile (CPU-time clock, so idle waits are not charged to whatever
+# frame was current): profiling on at SIGUSR1, off and written to argv[1] at SIGUSR2.
+PROFILED_MAIN = """
+import cProfile, runpy, signal, sys, time
+out = sys.argv.pop(1)
+profiler = cProfile.Profile(time.process_time)
+def on(*_): profiler.enable()
+def off(*_): profiler.disable(); profiler.dump_stats(out)
+signal.signal(signal.SIGUSR1, on)
+signal.signal(signal.SIGUSR2, off)
+sys.argv[0] = "relayctl"
+runpy.run_module("voicerelay.cli.main", run_name="__main__")
+"""
 LATE_LIMIT = 0.001  # the budget: < 0.1 % late frames
 SATURATED = 0.95  # share of a core
+CONTENDED = 0.10  # others' share of the transceiver's core worth a warning
+MISSED_TICKS_LIMIT = 0.01  # the load client could not keep its 20 ms ticker
 BUDGET_CALLS = 200
 PHRASE = "what is the weather today"  # about 1.5 s of speech
 LISTEN_EXTRA_S = 1.0  # listening = speech + this: the echoed reply (pre-roll + speech + hangover)
@@ -88,6 +104,7 @@ class Stack:
     driver_core: int
     test_core: int
     log: Path
+    profile: Path | None = None  # the transceiver runs under PROFILED_MAIN, writing here
 
     def stats(self) -> dict[str, Any]:
         return http_json(self.url + "/v1/stats")
@@ -116,9 +133,8 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
 
 @contextlib.contextmanager
 def agent_stack(profile: Path | None = None) -> Iterator[Stack]:
-    """Echo backend (driver core) and transceiver (core under test, under cProfile writing to
-    `profile` if given); both stopped after, the transceiver with SIGTERM so a profile is
-    written."""
+    """Echo backend (driver core) and transceiver (core under test; under PROFILED_MAIN writing
+    to `profile` if given); both stopped after."""
     driver, test = harness.cores()
     raise_fd_limit()
     harness.pin(os.getpid(), driver)
@@ -126,7 +142,8 @@ def agent_stack(profile: Path | None = None) -> Iterator[Stack]:
         state = Path(tmp)
         secret = state / "secret.key"
         write_new_secret(secret)
-        backend_port, http_port = free_ports(1, 1), free_ports(1, 1)
+        backend_port = free_ports(1, socket.SOCK_STREAM)
+        http_port = free_ports(1, socket.SOCK_STREAM)
         internal = ("127.0.0.1", free_ports(1))
         backend_http = f"http://127.0.0.1:{backend_port}"
         log = state / "transceiver.log"
@@ -150,7 +167,7 @@ def agent_stack(profile: Path | None = None) -> Iterator[Stack]:
         if profile is None:
             trx_cmd = [*RELAYCTL, *trx_cmd]
         else:
-            trx_cmd = [sys.executable, "-m", "cProfile", "-o", profile, *RELAYCTL[1:], *trx_cmd]
+            trx_cmd = [sys.executable, "-c", PROFILED_MAIN, profile, *trx_cmd]
         with (
             open(log, "wb") as logf,
             harness.process(backend_cmd, driver, stderr=logf) as backend,
@@ -160,12 +177,7 @@ def agent_stack(profile: Path | None = None) -> Iterator[Stack]:
             url = f"http://127.0.0.1:{http_port}"
             wait_healthy(url, trx, log)
             harness.pin(trx.pid, test)  # threads it started since
-            try:
-                yield Stack(trx, backend, url, internal, backend_http, driver, test, log)
-            finally:
-                trx.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    trx.wait(60 if profile else 5)
+            yield Stack(trx, backend, url, internal, backend_http, driver, test, log, profile)
 
 
 # The load --------------------------------------------------------------------------------------
@@ -297,9 +309,11 @@ def jitter_p99_ms(histogram: np.ndarray) -> float:
 
 
 class StepMeters:
-    """CPU of the transceiver, the backend and this load client, and of both cores."""
+    """CPU of the transceiver, the backend and this load client, and of both cores; a profiled
+    transceiver profiles exactly this interval."""
 
     def __init__(self, stack: Stack) -> None:
+        self.stack = stack
         self.transceiver = harness.CpuMeter([stack.transceiver.pid])
         self.backend = harness.CpuMeter([stack.backend.pid])
         self.client = harness.CpuMeter([os.getpid()])
@@ -308,6 +322,8 @@ class StepMeters:
         self._all = (self.transceiver, self.backend, self.client, self.test_core, self.driver_core)
 
     def start(self) -> StepMeters:
+        if self.stack.profile is not None:
+            os.kill(self.stack.transceiver.pid, signal.SIGUSR1)
         for meter in self._all:
             meter.start()
         return self
@@ -315,6 +331,8 @@ class StepMeters:
     def stop(self) -> StepMeters:
         for meter in self._all:
             meter.stop()
+        if self.stack.profile is not None:
+            os.kill(self.stack.transceiver.pid, signal.SIGUSR2)
         return self
 
 
@@ -344,6 +362,7 @@ class Step:
     interruptions: int
     failures: int  # bridge failures of any reason
     setup_failures: int
+    sessions_gone: int  # calls whose session the transceiver no longer knew at the end
     missed_ticks: float
 
     @property
@@ -354,6 +373,7 @@ class Step:
             and self.loss_down == 0
             and not self.failures
             and not self.setup_failures
+            and not self.sessions_gone
         )
 
 
@@ -456,6 +476,7 @@ def step_figures(
         interruptions=agent.get("interruptions", 0),
         failures=sum(v for k, v in agent.items() if k.startswith("failures_")),
         setup_failures=setup_failures,
+        sessions_gone=totals.get("stats_missing", 0),
         missed_ticks=missed_ticks,
     )
 
@@ -470,7 +491,9 @@ def limit_reached(step: Step) -> str | None:
     if step.setup_failures:
         return f"call setup failed for {step.setup_failures} calls"
     if step.failures:
-        return f"the bridge failed {step.failures} times (see the transceiver's log)"
+        return f"the bridge failed {step.failures} times (the transceiver's log follows)"
+    if step.sessions_gone:
+        return f"{step.sessions_gone} sessions ended during the step"
     if not step.ok:
         return (
             f"{step.late:.3%} late frames (pacer late slots {step.late_out}, concealed or "
@@ -479,6 +502,8 @@ def limit_reached(step: Step) -> str | None:
         )
     if step.trx_cpu >= SATURATED:
         return f"transceiver saturated ({step.trx_cpu:.0%} of its core)"
+    if step.missed_ticks > MISSED_TICKS_LIMIT:
+        return f"the load client fell behind its 20 ms ticker ({step.missed_ticks:.1%} late)"
     if step.client_cpu + step.backend_cpu >= SATURATED:
         return (
             f"driver core saturated (load client {step.client_cpu:.0%} + echo backend "
@@ -487,7 +512,8 @@ def limit_reached(step: Step) -> str | None:
     return None
 
 
-async def ramp(stack: Stack, args: argparse.Namespace) -> tuple[list[Step], str]:
+async def ramp(stack: Stack, args: argparse.Namespace) -> tuple[list[Step], str, dict[str, Any]]:
+    """The steps, what stopped the ramp, and the echo backend's counters at the end."""
     cycle, _ = talk_cycle()
     steps: list[Step] = []
     stopped = f"reached {args.steps[-1]} calls without late frames, loss or saturation"
@@ -503,9 +529,10 @@ async def ramp(stack: Stack, args: argparse.Namespace) -> tuple[list[Step], str]
                 if reason is not None:
                     stopped = reason
                     break
+            backend = await asyncio.to_thread(stack.backend_stats)
         finally:
             client.close_all()
-    return steps, stopped
+    return steps, stopped, backend
 
 
 def progress_line(s: Step) -> str:
@@ -544,8 +571,17 @@ async def profile_run(stack: Stack, calls: int, args: argparse.Namespace) -> Ste
     return step
 
 
-def profile_top(path: Path, count: int) -> tuple[str, list[dict[str, Any]]]:
-    """The profile's top functions by own time (text as pstats prints it, and as data)."""
+def profile_written(path: Path) -> bool:
+    """True once the profile is there and whole."""
+    try:
+        pstats.Stats(str(path))
+    except (OSError, EOFError, ValueError, TypeError):
+        return False
+    return True
+
+
+def profile_top(path: Path, count: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The profile's top functions by own time, and own time per source file."""
     stats = pstats.Stats(str(path))
     total = stats.total_tt  # type: ignore[attr-defined]
     rows = []
@@ -560,9 +596,19 @@ def profile_top(path: Path, count: int) -> tuple[str, list[dict[str, Any]]]:
             }
         )
     rows.sort(key=lambda r: r["tottime_s"], reverse=True)
-    out = io.StringIO()
-    pstats.Stats(str(path), stream=out).sort_stats("cumulative").print_stats(count)
-    return out.getvalue(), rows[:count]
+    return rows[:count], by_module(rows, total)
+
+
+def by_module(rows: list[dict[str, Any]], total: float) -> list[dict[str, Any]]:
+    """Own time summed per source file (C functions called from Python: 'built-in')."""
+    sums: Counter[str] = Counter()
+    for row in rows:
+        where = row["function"].split(":", 1)[0]
+        sums["built-in (C)" if where == "~" else where] += row["tottime_s"]
+    return [
+        {"module": module, "tottime_s": own, "share": own / total if total else float("nan")}
+        for module, own in sums.most_common()
+    ]
 
 
 def short_path(filename: str) -> str:
@@ -658,6 +704,17 @@ def summary_table(steps: list[Step], stopped: str, cap: dict[str, Any]) -> str:
     return harness.table("Agent calls per core", ["figure", "value"], rows)
 
 
+def contention_warnings(steps: list[Step]) -> list[str]:
+    """Steps where other processes used the transceiver's core (its late frames then say more
+    about them than about the transceiver)."""
+    return [
+        f"warning: at {s.calls} calls other processes used {s.others_test_core:.0%} of the "
+        "transceiver's core"
+        for s in steps
+        if s.others_test_core > CONTENDED
+    ]
+
+
 # Main ------------------------------------------------------------------------------------------
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -679,24 +736,40 @@ def parse_args() -> argparse.Namespace:
 
 
 def run_profile(args: argparse.Namespace, info: dict[str, Any]) -> None:
+    """One step of `args.profile` calls with the transceiver profiled over the window."""
     with tempfile.TemporaryDirectory(prefix="vr-agent-profile-") as tmp:
         path = Path(tmp) / "transceiver.prof"
         with agent_stack(profile=path) as stack:
             step = uvloop.run(profile_run(stack, args.profile, args))
-        text, top = profile_top(path, args.top)
+            wait_for(lambda: profile_written(path), 30, 0.1, "the transceiver's profile")
+        top, modules = profile_top(path, args.top)
     print(progress_line(step))
-    print(text)
-    figures = {"profile_calls": args.profile, "step": asdict(step), "top_by_own_time": top}
+    figures = {
+        "profile_calls": args.profile,
+        "window_s": args.window,
+        "step": asdict(step),
+        "top_by_own_time": top,
+        "by_module": modules,
+    }
+    title = (
+        f"Transceiver under cProfile (CPU time), {args.profile} calls over the {args.window:g} s "
+        "window: top functions by own time (cProfile inflates Python's share; C work called "
+        "through cffi counts in its Python caller)"
+    )
     tables = [
         harness.table(
-            f"Transceiver under cProfile, {args.profile} calls: top functions by own time "
-            "(cProfile roughly doubles Python's costs; shares are what count)",
+            title,
             ["function", "calls", "own s", "share %", "cum s"],
             [
                 [r["function"], r["calls"], r["tottime_s"], 100 * r["share"], r["cumtime_s"]]
                 for r in top
             ],
-        )
+        ),
+        harness.table(
+            "Own time per source file",
+            ["module", "own s", "share %"],
+            [[m["module"], m["tottime_s"], 100 * m["share"]] for m in modules[: args.top]],
+        ),
     ]
     harness.report("agent_capacity_profile", tables, figures, info)
 
@@ -714,7 +787,9 @@ def main() -> None:
             f"{stack.driver_core}; steps {args.steps}, {args.window:g} s windows",
             flush=True,
         )
-        steps, stopped = uvloop.run(ramp(stack, args))
+        steps, stopped, backend = uvloop.run(ramp(stack, args))
+        if any(s.failures or s.sessions_gone for s in steps):
+            print(f"the transceiver's log, last lines:\n{stack.log.read_text()[-3000:]}")
     cap = capacity(steps)
     cycle, speech_frames = talk_cycle()
     figures = {
@@ -724,11 +799,14 @@ def main() -> None:
         "speech_s": speech_frames * 0.02,
         "headline": {**cap, "ramp_stopped_by": stopped, "budget_calls": BUDGET_CALLS},
         "steps": [asdict(s) for s in steps],
+        "echo_backend": backend,
+        "warnings": contention_warnings(steps),
         "seconds": time.monotonic() - started,
     }
-    harness.report(
-        "agent_capacity", [step_table(steps), summary_table(steps, stopped, cap)], figures, info
-    )
+    tables = [step_table(steps), summary_table(steps, stopped, cap)]
+    harness.report("agent_capacity", tables, figures, info)
+    for line in figures["warnings"]:
+        print(line)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,8 @@ from tests.support.procs import (
     wait_for,
 )
 from tests.support.standin import StandIn, binding_request
+from voicerelay.wire.addr import Addr
 from voicerelay.wire.token import load_keys
-
-Addr = tuple[str, int]
 
 INTERVAL = 0.02  # 50 packets/s each way, a 20 ms voice frame
 WORKERS = 2

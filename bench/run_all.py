@@ -26,6 +26,8 @@ BENCHMARKS = (
     "transceiver_capacity",
     "session_setup",
     "recovery",
+    "voice_latency",
+    "agent_capacity",
 )
 
 
@@ -166,6 +168,41 @@ HEADLINES: tuple[Headline, ...] = (
         lambda d: _scenario(d, "relayctl stop+start (redis)", "gap_max_ms"),
         "ms",
         "",
+    ),
+    (
+        "voice_latency",
+        "endpointing after speech ends, max (real call)",
+        lambda d: _get(d, "summary", "endpointing_ms_b_max"),
+        "ms",
+        "<= 250 ms",
+    ),
+    (
+        "voice_latency",
+        "voice-to-voice share beside endpointing, max (real call)",
+        lambda d: _get(d, "summary", "other_ms_b_max"),
+        "ms",
+        "<= 60 ms",
+    ),
+    (
+        "voice_latency",
+        "barge-in: first speech frame to last agent packet, max",
+        lambda d: _get(d, "summary", "barge_in_ms_max"),
+        "ms",
+        "<= 100 ms",
+    ),
+    (
+        "agent_capacity",
+        "agent calls at < 0.1% late frames, 0 loss (measured)",
+        lambda d: _get(d, "headline", "measured_calls"),
+        "calls",
+        ">= 200",
+    ),
+    (
+        "agent_capacity",
+        "agent calls per core by transceiver CPU (extrapolated)",
+        lambda d: _get(d, "headline", "extrapolated_calls_per_core"),
+        "calls",
+        ">= 200",
     ),
 )
 

@@ -1,21 +1,29 @@
-"""VAD choice for the decoded-audio path: webrtcvad (modes 0-3, through the project's Endpointer)
-against Silero VAD (the ONNX model faster-whisper's wheel ships, run with onnxruntime).
+"""VAD choice and endpointing for the decoded-audio path: webrtcvad (modes 0-3, through the
+project's Endpointer) against Silero VAD (the ONNX model faster-whisper's wheel ships, run with
+onnxruntime); then the Endpointer's hangover, with and without its offset detector.
 
-Data, made here: espeak-ng sentences (two voices and speeds), each labelled from the clean
-signal's energy (onset to end: 10 ms windows within 40 dB of the sentence's peak), laid out with
-silence gaps and mixed with white noise at several SNRs (speech level over noise level); plus
-noise-only audio at the same noise levels.
+Data, made here: espeak-ng sentences (three voices and speeds; 7 of the 12 with commas, i.e.
+natural short pauses), each labelled from the clean signal's energy (onset to end: 10 ms
+windows within 40 dB of the sentence's peak), laid out with silence gaps and mixed with noise:
+white at several SNRs (speech level over noise level), and for endpointing also pink noise and
+"wobbling" white noise (its level steps by up to +-6 dB every 150 ms) at 10 dB; plus noise-only
+audio at the white noise levels.
 
-Per VAD, every detector fed the same 20 ms frames at 48 kHz in real-time order:
-- frame accuracy: the frame verdict against the labels (all SNRs, and per SNR);
+Every detector is fed the same 20 ms frames at 48 kHz in real-time order:
+- frame accuracy: the frame verdict against the labels (per SNR);
 - on noise-only audio: false starts per minute (SpeechStarted events) and the share of frames
   called speech;
-- speech-start decision delay: from the true onset to the frame at which SpeechStarted fired;
-- endpoint delay: from the true end of a sentence to the frame at which TurnEnded fired, with the
-  Endpointer's defaults (start 60 ms, hangover 200 ms; Silero through the same TurnTracker);
-  `splits` counts turns ended inside a sentence, `missed` sentences without a turn end;
-- CPU microseconds per 20 ms frame (time.perf_counter around the whole feed, Silero's 48 -> 16
-  kHz resampling and window batching included).
+- start decision: from the true onset to the frame at which SpeechStarted fired;
+- decision delay: from the true end of a sentence to the frame at which TurnEnded fired;
+  `splits` counts turns ended inside a sentence (at a natural pause), `missed` sentences
+  without a turn end; `tail` is how long after the true end the last voiced frame came
+  (TurnEnded.speech_ended_at); `resume` how soon after a split the person went on speaking
+  (SpeechStarted decision: the time the agent had before the split turned into a barge-in);
+- CPU microseconds per 20 ms frame.
+
+The design's budget: the turn-ended decision <= 250 ms after speech ends (p50, clean and down
+to 10 dB SNR). The bench picks the hangover that meets it with the fewest splits and says
+whether the Endpointer's default agrees.
 
 Run: .venv/bin/python bench/vad_choice.py [--quick]
 """
@@ -30,7 +38,7 @@ import subprocess
 import tempfile
 import time
 import wave
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +47,7 @@ import harness
 import numpy as np
 import soxr
 
-from voicerelay.voice.endpoint import Endpointer, TurnTracker
+from voicerelay.voice.endpoint import DEFAULT_HANGOVER_MS, Endpointer, TurnTracker
 from voicerelay.voice.events import SpeechStarted, TurnEnded
 from voicerelay.voice.resample import Resampler
 
@@ -54,14 +62,35 @@ SENTENCES = (
     "I would like a large coffee with milk.",
     "What time does the train leave?",
     "Seven, eight, nine, ten.",
+    "Well, I think we should leave at noon.",
+    "Can you book a table for two, please?",
+    "My number is four, five, six, seven.",
+    "The meeting moved to Tuesday afternoon.",
+    "Yes, that sounds good to me.",
+    "First, open the door, then turn on the lights.",
 )
-VOICES = (("en-us", 150), ("en-gb", 185))
+VOICES = (("en-us", 150), ("en-gb", 185), ("en-us+f3", 140))
+QUICK_SENTENCES = 4
 SNRS = (None, 20.0, 10.0, 5.0, 0.0)  # None: clean
 QUICK_SNRS = (None, 10.0, 0.0)
 TYPICAL_SNR_DB = 10.0  # a call after the browser's noise suppression is rarely worse
 NOISE_SECONDS = 180.0
 QUICK_NOISE_SECONDS = 15.0
-HANGOVERS_MS = (100, 120, 150, 200)  # the webrtcvad sweep of endpoint delay against splits
+BUDGET_MS = 250.0  # the design's endpointing budget (p50 after speech ends)
+VAD_ALONE_HANGOVERS_MS = (120, 140, 160, 200)  # the sweep: the VAD's verdict alone
+OFFSET_HANGOVERS_MS = (200, 220, 240, 260, 280)  # and with the offset detector
+BEFORE_HANGOVER_MS = 200  # the default before the offset detector
+CPU_REPEATS, CPU_REPEATS_QUICK = 7, 2
+# Endpointing conditions: (name, SNR dB or None, noise kind); the first three are the budget's.
+CONDITIONS = (
+    ("clean", None, "white"),
+    ("20 dB", 20.0, "white"),
+    ("10 dB", 10.0, "white"),
+    ("5 dB", 5.0, "white"),
+    ("10 dB pink", 10.0, "pink"),
+    ("10 dB wobbling", 10.0, "wobbling"),
+)
+BUDGET_CONDITIONS = ("clean", "20 dB", "10 dB")
 SILERO_ON, SILERO_OFF = 0.5, 0.35  # faster-whisper's thresholds (speech on / off hysteresis)
 
 
@@ -125,12 +154,37 @@ def white_noise(samples: int, rms: float, rng: np.random.Generator) -> np.ndarra
     return rng.normal(0.0, rms, samples)
 
 
-def mix(scene: Scene, snr_db: float | None, rng: np.random.Generator) -> np.ndarray:
+def pink_noise(samples: int, rms: float, rng: np.random.Generator) -> np.ndarray:
+    """1/f power: white noise shaped in the frequency domain, scaled to `rms`."""
+    spectrum = np.fft.rfft(rng.normal(0.0, 1.0, samples))
+    spectrum /= np.sqrt(np.maximum(np.arange(len(spectrum)), 1))
+    shaped = np.fft.irfft(spectrum, samples)
+    return shaped * (rms / np.sqrt(np.mean(shaped**2)))
+
+
+def wobbling_noise(samples: int, rms: float, rng: np.random.Generator) -> np.ndarray:
+    """White noise whose level moves by up to +-6 dB every 150 ms (ramps), overall `rms`."""
+    step = int(0.15 * RATE)
+    levels_db = rng.uniform(-6.0, 6.0, samples // step + 2)
+    gain = 10 ** (np.interp(np.arange(samples), np.arange(len(levels_db)) * step, levels_db) / 20)
+    return rng.normal(0.0, rms, samples) * gain / np.sqrt(np.mean(gain**2))
+
+
+NOISES = {"white": white_noise, "pink": pink_noise, "wobbling": wobbling_noise}
+
+
+def to_int16(samples: np.ndarray) -> np.ndarray:
+    return np.clip(samples, -32768, 32767).astype(np.int16)
+
+
+def mix(
+    scene: Scene, snr_db: float | None, rng: np.random.Generator, kind: str = "white"
+) -> np.ndarray:
+    """The scene with `kind` noise at `snr_db` (None: as it is)."""
     if snr_db is None:
         return scene.pcm
     rms = scene.speech_rms / 10 ** (snr_db / 20)
-    noisy = scene.pcm.astype(np.float64) + white_noise(len(scene.pcm), rms, rng)
-    return np.clip(noisy, -32768, 32767).astype(np.int16)
+    return to_int16(scene.pcm.astype(np.float64) + NOISES[kind](len(scene.pcm), rms, rng))
 
 
 # Detectors ------------------------------------------------------------------------------------
@@ -170,7 +224,9 @@ class SileroEndpointer:
 
     WINDOW, CONTEXT = 512, 64
 
-    def __init__(self, model: SileroSession, *, start_ms: int = 60, hangover_ms: int = 200):
+    def __init__(
+        self, model: SileroSession, *, start_ms: int = 60, hangover_ms: int = DEFAULT_HANGOVER_MS
+    ):
         self.session = model.session
         self.resampler = Resampler(RATE, 16000)
         self.pending = np.zeros(0, np.float32)
@@ -204,14 +260,41 @@ class SileroEndpointer:
         return self.speech, [] if event is None else [event]
 
 
+class SubframeEndpointer(Endpointer):
+    """The Endpointer with webrtcvad fed 10 ms halves (the frame is voiced if either is): its
+    own hangover counts in 10 ms frames there. Measured, not used."""
+
+    def _vad_verdict(self, pcm: np.ndarray, mean_square: float) -> bool:
+        half = self.frame_samples // 2
+        first = self._vad.is_speech(pcm[:half].tobytes(), self.sample_rate)
+        second = self._vad.is_speech(pcm[half:].tobytes(), self.sample_rate)  # always: its state
+        return first or second
+
+
+def endpointer(hangover_ms: int, offset: bool, subframes: bool = False) -> Detector:
+    """A fresh Endpointer (mode 2, defaults but the hangover), with or without offset detection."""
+    ep = (SubframeEndpointer if subframes else Endpointer)(hangover_ms=hangover_ms)
+    if not offset:
+        ep.offset = None
+    return ep.push
+
+
+def vad_alone(mode: int) -> Detector:
+    """webrtcvad in `mode` through the Endpointer without its offset detector."""
+    ep = Endpointer(aggressiveness=mode)
+    ep.offset = None
+    return ep.push
+
+
 def detectors(model: SileroSession | None) -> dict[str, Callable[[], Detector]]:
-    """Name -> factory of a fresh detector (one per stream, as one per call)."""
+    """Name -> factory of a fresh detector (one per stream, as one per call): each VAD alone
+    (like for like, all at the default hangover), then the Endpointer as it ships."""
     out: dict[str, Callable[[], Detector]] = {
-        f"webrtcvad-{mode}": (lambda mode=mode: Endpointer(aggressiveness=mode).push)
-        for mode in range(4)
+        f"webrtcvad-{mode}": (lambda mode=mode: vad_alone(mode)) for mode in range(4)
     }
     if model is not None:
         out["silero"] = lambda: SileroEndpointer(model).push
+    out["endpointer"] = lambda: Endpointer().push
     return out
 
 
@@ -220,7 +303,7 @@ def detectors(model: SileroSession | None) -> dict[str, Callable[[], Detector]]:
 class Run:
     verdicts: np.ndarray
     starts: list[float]  # decision times of SpeechStarted
-    ends: list[float]  # decision times of TurnEnded
+    ends: list[tuple[float, float]]  # TurnEnded: (decision time, speech_ended_at)
     seconds: float  # CPU-bound wall time of the feed
     frames: int
 
@@ -238,7 +321,7 @@ def feed(detector: Detector, pcm: np.ndarray) -> Run:
             if isinstance(event, SpeechStarted):
                 starts.append(at)
             elif isinstance(event, TurnEnded):
-                ends.append(at)
+                ends.append((at, event.speech_ended_at))
     return Run(verdicts, starts, ends, time.perf_counter() - began, n)
 
 
@@ -246,21 +329,31 @@ def feed(detector: Detector, pcm: np.ndarray) -> Run:
 class Delays:
     onset_ms: list[float] = field(default_factory=list)
     endpoint_ms: list[float] = field(default_factory=list)
+    tail_ms: list[float] = field(default_factory=list)
+    resume_ms: list[float] = field(default_factory=list)
     splits: int = 0
     missed: int = 0
+    sentences: int = 0
 
 
 def turn_delays(run: Run, scene: Scene, into: Delays) -> None:
-    """Per sentence: start decision after the onset, turn-end decision after the end."""
+    """Per sentence: start decision after the onset, turn-end decision after the end, splits
+    inside it and how soon the person went on after each."""
     bounds = [*scene.sentences, (len(scene.pcm) / RATE + 10, 0.0)]
     for (onset, end), (next_onset, _) in zip(bounds, bounds[1:], strict=False):
+        into.sentences += 1
         started = [t for t in run.starts if onset - 0.1 <= t < end]
         if started:
             into.onset_ms.append(1000 * (started[0] - onset))
-        into.splits += sum(1 for t in run.ends if onset < t < end)
-        ended = [t for t in run.ends if end <= t < next_onset]
+        for split, _ in (e for e in run.ends if onset < e[0] < end):
+            into.splits += 1
+            resumed = [t for t in run.starts if t > split]
+            if resumed:
+                into.resume_ms.append(1000 * (resumed[0] - split))
+        ended = [e for e in run.ends if end <= e[0] < next_onset]
         if ended:
-            into.endpoint_ms.append(1000 * (ended[0] - end))
+            into.endpoint_ms.append(1000 * (ended[0][0] - end))
+            into.tail_ms.append(1000 * (ended[0][1] - end))
         else:
             into.missed += 1
 
@@ -284,11 +377,28 @@ def turn_figures(delays: Delays) -> dict[str, Any]:
         "endpoint_delay_ms_p50": pct(delays.endpoint_ms, 50),
         "endpoint_delay_ms_p90": pct(delays.endpoint_ms, 90),
         "endpoint_delay_ms_max": max(delays.endpoint_ms, default=float("nan")),
+        "tail_ms_p50": pct(delays.tail_ms, 50),
         "splits": delays.splits,
+        "resume_after_split_ms_p50": pct(delays.resume_ms, 50),
         "missed": delays.missed,
+        "sentences": delays.sentences,
     }
 
 
+def merged(parts: Iterable[Delays]) -> Delays:
+    out = Delays()
+    for d in parts:
+        out.onset_ms += d.onset_ms
+        out.endpoint_ms += d.endpoint_ms
+        out.tail_ms += d.tail_ms
+        out.resume_ms += d.resume_ms
+        out.splits += d.splits
+        out.missed += d.missed
+        out.sentences += d.sentences
+    return out
+
+
+# The VAD comparison ---------------------------------------------------------------------------
 def evaluate_one(
     make: Callable[[], Detector],
     mixes: list[tuple[str, Scene, np.ndarray]],
@@ -298,7 +408,6 @@ def evaluate_one(
     """One VAD over every mix and every noise-only clip."""
     by_snr: dict[str, dict[str, Any]] = {}
     delays: dict[str, Delays] = {}
-    typical_delays = Delays()
     seconds = frames = 0.0
     for key, scene, pcm in mixes:
         run = feed(make(), pcm)
@@ -306,8 +415,6 @@ def evaluate_one(
         row["correct"] += int(np.sum(run.verdicts == scene.labels[: run.frames]))
         row["frames"] += run.frames
         turn_delays(run, scene, delays.setdefault(key, Delays()))
-        if typical(key):
-            turn_delays(run, scene, typical_delays)
         seconds, frames = seconds + run.seconds, frames + run.frames
     for key, row in by_snr.items():
         row["frame_accuracy"] = row.pop("correct") / row.pop("frames")
@@ -319,7 +426,7 @@ def evaluate_one(
         seconds, frames = seconds + run.seconds, frames + run.frames
     return {
         "by_snr": by_snr,
-        "typical": turn_figures(typical_delays),
+        "typical": turn_figures(merged(d for k, d in delays.items() if typical(k))),
         "cpu_us_per_frame": 1e6 * seconds / frames,
     }
 
@@ -335,9 +442,9 @@ def evaluate(
     mixes = [(snr_key(snr), scene, mix(scene, snr, rng)) for snr in snrs for scene in scenes]
     level = scenes[0].speech_rms
     noises = {
-        snr_key(snr): np.clip(
-            white_noise(int(RATE * noise_seconds), level / 10 ** (snr / 20), rng), -32768, 32767
-        ).astype(np.int16)
+        snr_key(snr): to_int16(
+            white_noise(int(RATE * noise_seconds), level / 10 ** (snr / 20), rng)
+        )
         for snr in snrs
         if snr is not None
     }
@@ -346,20 +453,91 @@ def evaluate(
     }
 
 
-def hangover_sweep(
-    scenes: list[Scene], snr: float | None, rng: np.random.Generator
-) -> list[dict[str, Any]]:
-    """webrtcvad mode 2: endpoint delay against turns split inside a sentence."""
-    rows = []
-    mixes = [(scene, mix(scene, snr, rng)) for scene in scenes]
-    for hangover in HANGOVERS_MS:
-        delays = Delays()
-        for scene, pcm in mixes:
-            turn_delays(
-                feed(Endpointer(aggressiveness=2, hangover_ms=hangover).push, pcm), scene, delays
-            )
-        rows.append({"hangover_ms": hangover, **turn_figures(delays)})
-    return rows
+# Endpointing ----------------------------------------------------------------------------------
+@dataclass
+class Setting:
+    """One way to endpoint: webrtcvad mode 2, a hangover, with or without offset detection."""
+
+    hangover_ms: int
+    offset: bool
+    subframes: bool = False
+
+    @property
+    def name(self) -> str:
+        how = "offset detector" if self.offset else "VAD alone"
+        return f"{how}, 10 ms VAD frames" if self.subframes else how
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}, hangover {self.hangover_ms} ms"
+
+    def make(self) -> Detector:
+        return endpointer(self.hangover_ms, self.offset, self.subframes)
+
+
+def endpoint_mixes(
+    scenes: list[Scene], rng: np.random.Generator
+) -> list[tuple[str, Scene, np.ndarray]]:
+    """Every scene in every endpointing condition (one noise draw each)."""
+    return [
+        (name, scene, mix(scene, snr, rng, kind))
+        for name, snr, kind in CONDITIONS
+        for scene in scenes
+    ]
+
+
+def endpoint_run(setting: Setting, mixes: list[tuple[str, Scene, np.ndarray]]) -> dict[str, Any]:
+    """One setting over every condition: figures per condition and over the budget's."""
+    delays: dict[str, Delays] = {}
+    for name, scene, pcm in mixes:
+        turn_delays(feed(setting.make(), pcm), scene, delays.setdefault(name, Delays()))
+    budget = merged(delays[name] for name in BUDGET_CONDITIONS)
+    return {
+        "hangover_ms": setting.hangover_ms,
+        "offset_detector": setting.offset,
+        "vad_frame_ms": 10 if setting.subframes else 20,
+        "budget": turn_figures(budget),
+        "worst_p50_ms": max(pct(delays[n].endpoint_ms, 50) for n in BUDGET_CONDITIONS),
+        "splits_by_condition": [delays[n].splits for n in BUDGET_CONDITIONS],
+        "by_condition": {name: turn_figures(d) for name, d in delays.items()},
+    }
+
+
+def sweep_settings(quick: bool) -> list[Setting]:
+    """The hangover sweep: the VAD alone (20 and 10 ms VAD frames), then with offset detection."""
+    if quick:
+        return [Setting(BEFORE_HANGOVER_MS, False), Setting(DEFAULT_HANGOVER_MS, True)]
+    settings = [Setting(h, False) for h in VAD_ALONE_HANGOVERS_MS]
+    settings.append(Setting(BEFORE_HANGOVER_MS, False, subframes=True))
+    return settings + [Setting(h, True) for h in OFFSET_HANGOVERS_MS]
+
+
+def choose(sweep: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """With the offset detector: the hangover whose p50 meets the budget in every budget
+    condition with the fewest splits (then the shortest p50)."""
+    fits = [
+        r
+        for r in sweep
+        if r["offset_detector"] and r["vad_frame_ms"] == 20 and r["worst_p50_ms"] <= BUDGET_MS
+    ]
+    if not fits:
+        return None
+    return min(fits, key=lambda r: (r["budget"]["splits"], r["budget"]["endpoint_delay_ms_p50"]))
+
+
+def cpu_per_frame(settings: list[Setting], pcm: np.ndarray, repeats: int) -> dict[str, float]:
+    """Name -> microseconds of push per 20 ms frame: the best of `repeats` feeds of the same
+    audio, the settings taking turns (so a busy spell on the machine hits them alike)."""
+    frames = [pcm[k * FRAME : (k + 1) * FRAME] for k in range(len(pcm) // FRAME)]
+    best = {s.label: float("inf") for s in settings}
+    for _ in range(repeats):
+        for setting in settings:
+            push = setting.make()
+            began = time.perf_counter()
+            for k, frame in enumerate(frames):
+                push(frame, k * FRAME_S)
+            best[setting.label] = min(best[setting.label], time.perf_counter() - began)
+    return {label: 1e6 * seconds / len(frames) for label, seconds in best.items()}
 
 
 # Report ---------------------------------------------------------------------------------------
@@ -371,7 +549,7 @@ def verdict(results: dict[str, dict[str, Any]]) -> str:
     """The rule: Silero only if it is clearly better where calls live (clean or SNR >= 10 dB)
     and fits a call's CPU share (the design's 200 calls a core leave 100 us per 20 ms frame for
     all of decode, VAD, resampling and encode)."""
-    web, silero = results["webrtcvad-2"], results.get("silero")
+    web, silero = results["webrtcvad-2"], results.get("silero")  # both without offset detection
     if silero is None:
         return "verdict: webrtcvad mode 2 (Silero not measured: onnxruntime or model missing)"
     keys = list(web["by_snr"])
@@ -390,7 +568,29 @@ def verdict(results: dict[str, dict[str, Any]]) -> str:
     )
 
 
-def tables(results: dict[str, dict[str, Any]], sweep: list[dict[str, Any]]) -> list[str]:
+def endpoint_verdict(
+    sweep: list[dict[str, Any]], before: dict[str, Any], after: dict[str, Any]
+) -> str:
+    chosen = choose(sweep)
+    b, a = before["budget"], after["budget"]
+    line = (
+        f"endpointing: default hangover {DEFAULT_HANGOVER_MS} ms with the offset detector: "
+        f"p50 {a['endpoint_delay_ms_p50']:.0f} / p90 {a['endpoint_delay_ms_p90']:.0f} ms after "
+        f"speech ends (worst condition p50 {after['worst_p50_ms']:.0f}; budget "
+        f"{BUDGET_MS:.0f}), {a['splits']} splits in {a['sentences']} sentences; before "
+        f"(hangover {BEFORE_HANGOVER_MS}, VAD alone): p50 {b['endpoint_delay_ms_p50']:.0f} / "
+        f"p90 {b['endpoint_delay_ms_p90']:.0f} ms, {b['splits']} splits. "
+    )
+    if chosen is None:
+        return line + "No hangover meets the budget with the offset detector."
+    agrees = "agrees" if chosen["hangover_ms"] == DEFAULT_HANGOVER_MS else "DISAGREES"
+    return line + (
+        f"Fewest splits within the budget: hangover {chosen['hangover_ms']} ms ({agrees} with "
+        f"the default)."
+    )
+
+
+def tables(results: dict[str, dict[str, Any]]) -> list[str]:
     keys = list(next(iter(results.values()))["by_snr"])
     noisy = [k for k in keys if k != "clean"]
     by_snr = harness.table(
@@ -417,19 +617,90 @@ def tables(results: dict[str, dict[str, Any]], sweep: list[dict[str, Any]]) -> l
     fields = ["start_decision_ms_p50", "endpoint_delay_ms_p50", "endpoint_delay_ms_p90"]
     fields += ["endpoint_delay_ms_max", "splits", "missed"]
     turns = harness.table(
-        f"turns, clean and SNR >= {TYPICAL_SNR_DB:g} dB (start 60 ms, hangover 200 ms), and CPU",
+        f"turns, clean and SNR >= {TYPICAL_SNR_DB:g} dB (start 60 ms, hangover "
+        f"{DEFAULT_HANGOVER_MS} ms; each VAD alone, then the Endpointer with its offset "
+        f"detector), and CPU",
         ["vad", *headers, "cpu us/frame"],
         [
             [name, *(r["typical"][f] for f in fields), r["cpu_us_per_frame"]]
             for name, r in results.items()
         ],
     )
+    return [by_snr, noise, turns]
+
+
+def endpoint_tables(
+    sweep: list[dict[str, Any]], before: dict[str, Any], after: dict[str, Any], cpu: dict
+) -> list[str]:
+    sentences = sweep[0]["budget"]["sentences"]
+    rows = [
+        [
+            r["hangover_ms"],
+            ("offset detector" if r["offset_detector"] else "VAD alone")
+            + (", 10 ms VAD frames" if r["vad_frame_ms"] == 10 else ""),
+            *(_short(r["budget"][f]) for f in ("endpoint_delay_ms_p50", "endpoint_delay_ms_p90")),
+            _short(r["worst_p50_ms"]),
+            _short(r["budget"]["tail_ms_p50"]),
+            "/".join(str(n) for n in r["splits_by_condition"]),
+            *(
+                _short(r["budget"][f])
+                for f in ("resume_after_split_ms_p50", "start_decision_ms_p50")
+            ),
+        ]
+        for r in sweep
+    ]
     hangover = harness.table(
-        f"webrtcvad mode 2 at {TYPICAL_SNR_DB:g} dB SNR: hangover against endpoint delay",
-        ["hangover ms", *headers],
-        [[r["hangover_ms"], *(r[f] for f in fields)] for r in sweep],
+        f"endpointing (webrtcvad mode 2), clean + 20 dB + 10 dB white noise, {sentences} "
+        f"sentences: decision delay after the true end (budget p50 <= {BUDGET_MS:.0f} ms) "
+        f"against splits at natural pauses",
+        [
+            "hangover ms",
+            "how",
+            "p50 ms",
+            "p90 ms",
+            "worst p50",
+            "tail p50",
+            "splits c/20/10",
+            "resume p50",
+            "start p50",
+        ],
+        rows,
     )
-    return [by_snr, noise, turns, hangover]
+    by_condition = harness.table(
+        f"by condition: before (hangover {BEFORE_HANGOVER_MS} ms, VAD alone) -> defaults "
+        f"(hangover {DEFAULT_HANGOVER_MS} ms, offset detector); the budget covers clean..10 dB",
+        ["condition", "p50 ms", "p90 ms", "tail p50", "splits", "missed", "start p50"],
+        [
+            [name, *(_arrow(before, after, name, f) for f in CONDITION_FIELDS)]
+            for name in after["by_condition"]
+        ],
+    )
+    cpu_table = harness.table(
+        "CPU per 20 ms frame (Endpointer.push, best of several feeds of the same 10 dB audio)",
+        ["how", "us/frame"],
+        [[name, us] for name, us in cpu.items()],
+    )
+    return [hangover, by_condition, cpu_table]
+
+
+CONDITION_FIELDS = (
+    "endpoint_delay_ms_p50",
+    "endpoint_delay_ms_p90",
+    "tail_ms_p50",
+    "splits",
+    "missed",
+    "start_decision_ms_p50",
+)
+
+
+def _arrow(before: dict[str, Any], after: dict[str, Any], name: str, field_name: str) -> str:
+    old, new = before["by_condition"][name][field_name], after["by_condition"][name][field_name]
+    return f"{_short(old)} -> {_short(new)}"
+
+
+def _short(value: float | int) -> str:
+    """Whole milliseconds ("-": no sample)."""
+    return "-" if value != value else str(round(value))
 
 
 def no_nan(value: Any) -> Any:
@@ -443,19 +714,46 @@ def no_nan(value: Any) -> Any:
     return value
 
 
+def make_scenes(sentences: tuple[str, ...], rng: np.random.Generator) -> list[Scene]:
+    with tempfile.TemporaryDirectory() as tmp:
+        return [
+            build_scene([speak(s, voice, speed, Path(tmp)) for s in sentences], rng)
+            for voice, speed in VOICES
+        ]
+
+
+def endpointing(
+    scenes: list[Scene], quick: bool, rng: np.random.Generator
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any], dict[str, float]]:
+    """The hangover sweep, before/after by condition, and CPU."""
+    mixes = endpoint_mixes(scenes, rng)
+    sweep = [endpoint_run(s, mixes) for s in sweep_settings(quick)]
+    runs = {(r["hangover_ms"], r["offset_detector"], r["vad_frame_ms"]): r for r in sweep}
+    before = runs.get((BEFORE_HANGOVER_MS, False, 20)) or endpoint_run(
+        Setting(BEFORE_HANGOVER_MS, False), mixes
+    )
+    after = runs.get((DEFAULT_HANGOVER_MS, True, 20)) or endpoint_run(
+        Setting(DEFAULT_HANGOVER_MS, True), mixes
+    )
+    cpu_audio = next(pcm for name, _, pcm in mixes if name == "10 dB")
+    compared = [
+        Setting(BEFORE_HANGOVER_MS, False),
+        Setting(DEFAULT_HANGOVER_MS, True),
+        Setting(BEFORE_HANGOVER_MS, False, subframes=True),
+    ]
+    cpu = cpu_per_frame(compared, cpu_audio, CPU_REPEATS_QUICK if quick else CPU_REPEATS)
+    return sweep, before, after, cpu
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer sentences and SNRs")
+    p.add_argument("--quick", action="store_true", help="fewer sentences, SNRs and hangovers")
     args = p.parse_args()
     info = harness.machine()
     rng = np.random.default_rng(7)
-    sentences = SENTENCES[:3] if args.quick else SENTENCES
+    sentences = SENTENCES[:QUICK_SENTENCES] if args.quick else SENTENCES
     snrs = QUICK_SNRS if args.quick else SNRS
-    with tempfile.TemporaryDirectory() as tmp:
-        scenes = []
-        for voice, speed in VOICES:
-            utterances = [speak(s, voice, speed, Path(tmp)) for s in sentences]
-            scenes.append(build_scene(utterances, rng))
+    scenes = make_scenes(sentences, rng)
     try:
         model: SileroSession | None = SileroSession()
     except (ImportError, SystemExit) as exc:
@@ -463,8 +761,8 @@ def main() -> None:
         model = None
     noise_seconds = QUICK_NOISE_SECONDS if args.quick else NOISE_SECONDS
     results = evaluate(detectors(model), scenes, snrs, noise_seconds, rng)
-    sweep = hangover_sweep(scenes, TYPICAL_SNR_DB, rng)
-    line = verdict(results)
+    sweep, before, after, cpu = endpointing(scenes, args.quick, rng)
+    lines = [verdict(results), endpoint_verdict(sweep, before, after)]
     figures = {
         "quick": args.quick,
         "sentences": len(sentences) * len(VOICES),
@@ -472,11 +770,21 @@ def main() -> None:
         "noise_seconds": noise_seconds,
         "silero_model": None if model is None else os.path.basename(model.path),
         "vads": results,
-        "hangover_sweep": sweep,
-        "verdict": line,
+        "endpointing": {
+            "default_hangover_ms": DEFAULT_HANGOVER_MS,
+            "budget_ms": BUDGET_MS,
+            "sweep": sweep,
+            "before": before,
+            "after": after,
+            "chosen_hangover_ms": (choose(sweep) or {}).get("hangover_ms"),
+            "cpu_us_per_frame": cpu,
+        },
+        "verdict": lines,
     }
-    harness.report("vad_choice", tables(results, sweep), no_nan(figures), info)
-    print(line)
+    all_tables = tables(results) + endpoint_tables(sweep, before, after, cpu)
+    harness.report("vad_choice", all_tables, no_nan(figures), info)
+    for line in lines:
+        print(line)
 
 
 if __name__ == "__main__":

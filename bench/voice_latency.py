@@ -57,7 +57,7 @@ from echo_backend import EchoBackend, ReplyConfig
 from tests.support.voice import Caller, agent_stack, silence, speech
 from voicerelay.transceiver.dtls import SrtpKeys
 from voicerelay.transceiver.rtp import RtpPacket
-from voicerelay.transceiver.srtp import SrtpContext
+from voicerelay.transceiver.srtp import srtp_context
 from voicerelay.voice import realtime
 from voicerelay.voice.app import AgentCall
 from voicerelay.voice.bridge import BridgeConfig, RealtimeBridge
@@ -82,7 +82,8 @@ VOICED_PEAK = 500  # a frame whose peak is over this counts as voiced (as `Calle
 PT = 111
 AGENT_RATE = realtime.REALTIME_RATE
 DELTA_MS = 100  # the reply's audio per delta (what the reference agent and most backends send)
-APPEND_MS = BridgeConfig("ws://x").append_ms
+BRIDGE = BridgeConfig("ws://unused")  # the bridge's defaults
+APPEND_MS = BRIDGE.append_ms
 PHRASES = (
     "what is the weather today",
     "please send the report by friday",
@@ -220,9 +221,10 @@ class FakeClockCall:
     audio: CallAudio
     samples: Samples
     now: float = 0.0
-    sent: list[tuple[float, bytes]] = field(default_factory=list)
     pending: list[np.ndarray] = field(default_factory=list)  # speech not yet appended
-    preroll: deque[np.ndarray] = field(default_factory=lambda: deque(maxlen=15))
+    preroll: deque[np.ndarray] = field(
+        default_factory=lambda: deque(maxlen=BRIDGE.preroll_ms // 20)
+    )
     speaking: bool = False
     played_at: float | None = None
     pacing_waits: list[float] = field(default_factory=list)
@@ -238,7 +240,6 @@ class FakeClockCall:
                 if self.played_at is not None:
                     self.pacing_waits.append(self.now - self.played_at)
                     self.played_at = None
-            self.sent += [(self.now, p) for p in out]
             self._bridge()
         self.now = until
 
@@ -298,8 +299,11 @@ class FakeClockCall:
         for text in texts:
             t0 = time.perf_counter()
             event = realtime.parse_server_event(text)
-            samples["bridge down: parse event"].append(time.perf_counter() - t0)
-            if isinstance(event, realtime.AudioDelta):
+            parsed = time.perf_counter() - t0
+            if not isinstance(event, realtime.AudioDelta):
+                samples["bridge down: parse created / item added"].append(parsed)
+            else:
+                samples[f"bridge down: parse delta {DELTA_MS} ms"].append(parsed)
                 t0 = time.perf_counter()
                 self.audio.play(np.frombuffer(event.pcm, "<i2"), event.item_id, self.now)
                 samples[f"out: play {DELTA_MS} ms (resample + enqueue)"].append(
@@ -310,10 +314,16 @@ class FakeClockCall:
 
 
 def drive_turns(
-    phrases: tuple[str, ...], repeats: int, config: AudioConfig | None = None
+    phrases: tuple[str, ...],
+    repeats: int,
+    config: AudioConfig | None = None,
+    snr_db: float | None = None,
 ) -> tuple[Samples, list[EndpointRow]]:
     """(a): every phrase spoken `repeats` times on one fake-clock call (default `AudioConfig`
-    unless given); stage times, and one endpointing row per phrase."""
+    unless given; white noise `snr_db` under the speech if given, else digital silence between
+    phrases); stage times, and one endpointing row per phrase. The end of speech is the clean
+    signal's last voiced frame."""
+    rng = np.random.default_rng(3)
     samples: Samples = defaultdict(list)
     audio = CallAudio(ssrc=1, payload_type=PT, config=config or AudioConfig())
     audio.start(0.0)
@@ -324,7 +334,8 @@ def drive_turns(
     for phrase in phrases * repeats:
         said = speech(phrase)
         pcm = whole_frames(silence(0.5), said, silence(0.2 + REPLY_TONE_S + 0.4))
-        packets = rtp_packets(pcm, seq, ts)
+        heard = pcm if snr_db is None else with_noise(pcm, said, snr_db, rng)
+        packets = rtp_packets(heard, seq, ts)
         start = call.now
         for packet in packets:
             call.feed(packet)
@@ -347,19 +358,35 @@ def drive_turns(
     return samples, rows
 
 
-def endpointing_sweep(hangovers: tuple[int, ...]) -> list[dict[str, Any]]:
-    """Endpointing delay and split turns at other `hangover_ms` settings (fake clock)."""
+def with_noise(
+    pcm: np.ndarray, speech_pcm: np.ndarray, snr_db: float, rng: np.random.Generator
+) -> np.ndarray:
+    """`pcm` with white noise `snr_db` under the speech's RMS level."""
+    level = float(np.sqrt(np.mean(speech_pcm.astype(np.float64) ** 2)))
+    noise = rng.normal(0, level / 10 ** (snr_db / 20), pcm.size)
+    return np.clip(pcm + noise, -32768, 32767).astype(np.int16)
+
+
+def endpointing_sweep(
+    hangovers: tuple[int, ...], snrs: tuple[float | None, ...]
+) -> list[dict[str, Any]]:
+    """Endpointing delay and split turns (fake clock) at other `hangover_ms` settings on clean
+    speech, and at the default setting under white noise."""
+    settings = [(h, None) for h in hangovers]
+    settings += [(AudioConfig().hangover_ms, snr) for snr in snrs if snr is not None]
     out = []
-    for hangover in hangovers:
-        _, rows = drive_turns(PHRASES, 1, AudioConfig(hangover_ms=hangover))
+    for hangover, snr in settings:
+        _, rows = drive_turns(PHRASES, 1, AudioConfig(hangover_ms=hangover), snr)
         delays = [r.endpointing_ms for r in rows]
         out.append(
             {
                 "hangover_ms": hangover,
-                "endpointing_ms_p50": harness.percentile(delays, 50),
-                "endpointing_ms_max": max(delays),
+                "snr_db": snr,
+                "endpointing_ms_p50": harness.percentile(delays, 50) if delays else float("nan"),
+                "endpointing_ms_max": max(delays, default=float("nan")),
                 "splits": sum(r.splits for r in rows),
                 "turns": len(rows),
+                "missed": len(PHRASES) - len(rows),
             }
         )
     return out
@@ -433,21 +460,21 @@ def group_delays() -> dict[str, float]:
 
 # (a) Codec, SRTP and WebSocket costs ----------------------------------------------------------
 def srtp_costs(iterations: int) -> Samples:
-    """libsrtp through the project's `SrtpContext`, a pair keyed as the two ends of a call."""
-    a, b = os.urandom(28), os.urandom(28)
-    ours = SrtpContext(SrtpKeys("AEAD_AES_128_GCM", local=a, remote=b))
-    theirs = SrtpContext(SrtpKeys("AEAD_AES_128_GCM", local=b, remote=a))
+    """libsrtp through the project's `srtp_context`, a pair keyed as the two ends of a call
+    (AEAD_AES_128_GCM, what the project's DTLS offers first)."""
+    a, b = os.urandom(28), os.urandom(28)  # 16-byte key + 12-byte salt
+    ours = srtp_context(SrtpKeys("AEAD_AES_128_GCM", local=a, remote=b))
+    theirs = srtp_context(SrtpKeys("AEAD_AES_128_GCM", local=b, remote=a))
     payload = OpusEncoder(MEDIA_RATE).encode(speech(PHRASES[0])[:FRAME])
     samples: Samples = defaultdict(list)
     for i in range(iterations):
         packet = RtpPacket(PT, i & 0xFFFF, i * FRAME, 7, payload).serialize()
         t0 = time.perf_counter()
-        protected = ours.protect_rtp(packet)
+        protected = bytes(ours.protect_rtp(packet))
         t1 = time.perf_counter()
-        theirs.unprotect_rtp(bytes(protected))
-        t2 = time.perf_counter()
+        theirs.unprotect_rtp(protected)
+        samples["SRTP unprotect"].append(time.perf_counter() - t1)
         samples["SRTP protect"].append(t1 - t0)
-        samples["SRTP unprotect"].append(t2 - t1)
     return samples
 
 
@@ -519,7 +546,11 @@ class Utterance:
 
     @property
     def voiced_sent_at(self) -> list[float]:
-        return [at for at, f in zip(self.sent_at, self.frames, strict=False) if f.max() > 500]
+        return [
+            at
+            for at, f in zip(self.sent_at, self.frames, strict=False)
+            if np.abs(f).max() > VOICED_PEAK
+        ]
 
 
 class Voice:
@@ -548,7 +579,7 @@ class Voice:
         utterance = Utterance([padded[i : i + FRAME] for i in range(0, padded.size, FRAME)])
         utterance.done = asyncio.get_running_loop().create_future()
         self.queue.append(utterance)
-        await utterance.done
+        await asyncio.wait_for(utterance.done, len(utterance.frames) * FRAME_S + 5.0)
         return utterance
 
     async def _run(self) -> None:
@@ -639,6 +670,14 @@ class Bench:
         await self.caller.wait_quiet(seconds, timeout)
 
 
+async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
 @contextlib.asynccontextmanager
 async def loopback_call(reply_s: float) -> AsyncIterator[Bench]:
     trace: list[tuple[str, float]] = []
@@ -652,7 +691,7 @@ async def loopback_call(reply_s: float) -> AsyncIterator[Bench]:
                 Caller.dial(stack) as caller,
                 Voice(caller) as voice,
             ):
-                await asyncio.sleep(0.3)  # the bridge connects to the backend
+                await until(lambda: agent.counters["connections"] >= 1, 5, "the bridge")
                 yield Bench(caller, voice, agent, trace)
     finally:
         await backend.stop()
@@ -789,7 +828,8 @@ def stage_table(samples: Samples, notes: dict[str, str], overhead_us: float) -> 
         ("up", f"bridge up: WebSocket transit append {APPEND_MS} ms", "event"),
         ("up", "bridge up: WebSocket transit response.create", "event"),
         ("down", f"bridge down: WebSocket transit delta {DELTA_MS} ms", "event"),
-        ("down", "bridge down: parse event", "event"),
+        ("down", "bridge down: parse created / item added", "event"),
+        ("down", f"bridge down: parse delta {DELTA_MS} ms", "event"),
         ("out", f"out: play {DELTA_MS} ms (resample + enqueue)", "delta"),
         ("out", "resample 24k->48k", "delta"),
         ("out", "pacer", "enqueue/pop"),
@@ -875,7 +915,11 @@ def critical_path(samples: Samples) -> list[tuple[str, float]]:
             "bridge down: WebSocket transit of the first delta",
             ms(f"bridge down: WebSocket transit delta {DELTA_MS} ms"),
         ),
-        ("bridge down: parse created, item, first delta", ms("bridge down: parse event", 3)),
+        (
+            "bridge down: parse created, item, first delta",
+            ms("bridge down: parse created / item added", 2)
+            + ms(f"bridge down: parse delta {DELTA_MS} ms"),
+        ),
         (f"out: play the first {DELTA_MS} ms", ms(f"out: play {DELTA_MS} ms (resample + enqueue)")),
         (
             "out: CallAudio of the first frame + SRTP protect",
@@ -1067,17 +1111,20 @@ def sweep_table(sweep: list[dict[str, Any]]) -> str:
     rows = [
         [
             s["hangover_ms"],
+            "clean" if s["snr_db"] is None else f"{s['snr_db']:g} dB",
             s["endpointing_ms_p50"],
             s["endpointing_ms_max"],
             s["splits"],
+            s["missed"],
             s["turns"],
         ]
         for s in sweep
     ]
     return harness.table(
-        "(a) Endpointing at other hangover_ms settings (fake clock; splits: a turn ended inside "
-        "a phrase)",
-        ["hangover_ms", "endpointing p50", "max", "splits", "turns"],
+        "(a) Endpointing (ms after the clean signal's last voiced frame) at other hangover_ms "
+        "settings, and under white noise at the default (fake clock; splits: a turn ended "
+        "inside a phrase; missed: no turn end after it)",
+        ["hangover_ms", "noise", "endpointing p50", "max", "splits", "missed", "turns"],
         rows,
     )
 
@@ -1116,7 +1163,7 @@ def in_process(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "holds": holds,
         "delays": group_delays(),
-        "sweep": endpointing_sweep((100, 120, 150, 200)),
+        "sweep": endpointing_sweep((100, 150, 200, 240), (30.0, 20.0, 10.0)),
         "overhead_us": timing_overhead_us(),
     }
 

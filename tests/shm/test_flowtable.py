@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from voicerelay.shm.counters import CounterArray
-from voicerelay.shm.flowtable import SLOT_SIZE, FlowTable, TableFull
+from voicerelay.shm.flowtable import FlowRecord, FlowTable, TableFull
 
 CAPACITY = 8
 clients = st.tuples(
@@ -91,9 +91,35 @@ TestFlowTableMachine = FlowTableMachine.TestCase
 TestFlowTableMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 
 
-def test_slots_are_at_most_64_bytes_and_memory_is_flat():
-    assert SLOT_SIZE <= 64
-    assert FlowTable.size_for(1, 1_000_000) <= 64 * 1_000_000 + 64
+def test_slots_are_64_bytes_and_the_segment_is_flat():
+    """A full shard of the widest records (IPv6 both ends, top counters) reads back exactly,
+    stays inside its 64-byte slots (the next shard stays zero), and the segment is one flat
+    block of header + shards x capacity x 64 bytes, whatever is stored."""
+    shards, capacity = 2, 16
+    name = unique_name()
+    table = FlowTable.create(name, shards, capacity)
+    try:
+        size = os.stat(f"/dev/shm/{name}").st_size
+        assert size == 64 + shards * capacity * 64
+        assert table.slot_offset(0, 1) - table.slot_offset(0, 0) == 64
+        writer = table.shard(0)
+        top = 2**32 - 1
+        flows = {
+            (f"2001:db8:ffff:ffff:ffff:ffff:ffff:{i:x}", 65535 - i): (f"fd00::{i + 1:x}", 65535)
+            for i in range(capacity)
+        }
+        for n, (client, transceiver) in enumerate(flows.items()):
+            slot = writer.put(client, transceiver, 1e9 + n)
+            writer.touch(slot, 1e9 + n, top, top)
+        with pytest.raises(TableFull):
+            writer.put(("2001:db8::1", 1), ("fd00::1", 1), 0.0)
+        for n, (client, transceiver) in enumerate(flows.items()):
+            assert table.lookup(client) == (0, FlowRecord(client, transceiver, 1e9 + n, top, top))
+        assert not any(table.buf[table.slot_offset(1, 0) :])  # the next shard is untouched
+        assert os.stat(f"/dev/shm/{name}").st_size == size
+    finally:
+        table.close()
+        table.unlink()
 
 
 def _hammer(name: str, seconds: float) -> None:

@@ -3,25 +3,36 @@
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.transceiver.conftest import CLIENT, SERVER, Pair
+from voicerelay.transceiver import dtls
 from voicerelay.transceiver.rtp import RTCP_SR, RtpPacket, parse_rtcp, parse_rtp
 from voicerelay.transceiver.session import (
+    CHECKING,
+    CHECKS_SENT,
+    CLOSE,
+    CLOSED,
+    CONNECTED,
     COUNTER_NAMES,
+    DTLS_UP,
+    ICE_SELECTED,
+    NEW,
+    SECURE,
+    TRANSITIONS,
     RtpReceived,
     SessionClosed,
     SessionConfig,
+    next_state,
 )
 from voicerelay.wire import stun
 
 
 def secure(pair: Pair) -> None:
-    pair.run_until(lambda: pair.client.state == "secure" and pair.server.state == "secure")
+    pair.run_until(lambda: pair.client.state == SECURE and pair.server.state == SECURE)
 
 
 def talk(pair: Pair, packets: int = 20) -> list:
@@ -82,18 +93,18 @@ def test_wrong_integrity_and_username_get_no_answer(pair):
 
 def test_fingerprint_mismatch_closes_the_session():
     pair = Pair(lie_about_fingerprint=True)
-    pair.run_until(lambda: pair.server.state == "closed")
+    pair.run_until(lambda: pair.server.state == CLOSED)
     assert pair.server.close_reason == "fingerprint-mismatch"
-    pair.run_until(lambda: pair.client.state == "closed")  # it heard close_notify
+    pair.run_until(lambda: pair.client.state == CLOSED)  # it heard close_notify
 
 
 def test_consent_expiry_closes_a_silent_peer():
     pair = Pair(SessionConfig(consent_timeout=2.0, consent_interval=0.5))
     secure(pair)
     pair.run_until(lambda: not pair.now < 5, seconds=6)  # checks keep it alive
-    assert pair.server.state == "secure"
+    assert pair.server.state == SECURE
     pair.drop = lambda data, to_server: to_server  # the client vanishes
-    pair.run_until(lambda: pair.server.state == "closed", seconds=3)
+    pair.run_until(lambda: pair.server.state == CLOSED, seconds=3)
     assert pair.server.close_reason == "consent-expired"
     assert any(
         isinstance(e, SessionClosed) and e.reason == "consent-expired" for e in pair.server_events
@@ -104,7 +115,7 @@ def test_close_sends_close_notify(pair):
     secure(pair)
     pair.client.close(pair.now, "bye")
     pair.step()
-    assert pair.server.state == "closed" and pair.server.close_reason == "peer-closed"
+    assert pair.server.state == CLOSED and pair.server.close_reason == "peer-closed"
     assert pair.client.close_reason == "bye"
 
 
@@ -115,23 +126,26 @@ def test_every_datagram_fits_the_mtu():
     assert max(pair.sizes) <= 1000
 
 
-def test_a_lost_dtls_flight_is_retransmitted():
+def test_a_lost_dtls_flight_keeps_both_sides_timed_on_the_injected_clock():
+    # The resend itself is OpenSSL's, on its own clock: test_dtls.py waits for it in real time.
     pair = Pair()
-    lost = {"count": 0}
+    lost: list[bytes] = []
 
     def drop_first_server_flight(data, to_server):
-        if not to_server and 20 <= data[0] <= 63 and lost["count"] == 0:
-            lost["count"] += 1
+        if not to_server and 20 <= data[0] <= 63 and not lost:
+            lost.append(data)
             return True
         return False
 
     pair.drop = drop_first_server_flight
-    deadline = time.monotonic() + 10  # OpenSSL's DTLS timer runs on the real clock
-    while pair.client.state != "secure" and time.monotonic() < deadline:
-        pair.step(0.05)
-        time.sleep(0.02)
-    assert lost["count"] == 1
-    assert pair.client.state == "secure" and pair.server.state == "secure"
+    pair.run_until(lambda: bool(lost))
+    for session in (pair.client, pair.server):
+        due = session.dtls.next_timer()
+        assert due is not None and pair.now < due <= pair.now + 1.0  # RFC 6347: 1 s at first
+        assert session.next_timer() == due  # the earliest thing the session waits for
+    pair.run_until(lambda: not pair.now < 3, seconds=4)  # due on our clock, not on OpenSSL's
+    assert pair.client.state == pair.server.state == CONNECTED  # waiting, nothing broken
+    assert pair.client.dtls.state == pair.server.dtls.state == dtls.HANDSHAKING
 
 
 def test_rtcp_reports_give_both_sides_an_rtt():
@@ -162,7 +176,7 @@ def test_garbage_never_raises_and_the_call_keeps_working(garbage, source):
         pair.server.receive(data, source, pair.now)
         pair.client.receive(data, SERVER, pair.now)
     pair.server.datagrams_to_send()
-    assert pair.server.state == "secure"
+    assert pair.server.state == SECURE
     assert talk(pair, 2)
 
 
@@ -190,3 +204,36 @@ def test_counters_read_as_a_dict(pair):
     assert set(counters) == set(COUNTER_NAMES) and counters["rtp_in"] == counters["rtp_out"] == 3
     assert counters["packets_in"] == pair.server.packets_in
     assert {k: pair.server.stats[k] for k in COUNTER_NAMES} == counters
+
+
+ORDER = [NEW, CHECKING, CONNECTED, SECURE, CLOSED]
+
+
+@given(st.lists(st.sampled_from([CHECKS_SENT, ICE_SELECTED, DTLS_UP, CLOSE]), max_size=12))
+def test_session_states_only_move_forward_and_secure_needs_ice_first(triggers):
+    state = NEW
+    for trigger in triggers:
+        after = next_state(state, trigger)
+        assert after in TRANSITIONS and ORDER.index(after) >= ORDER.index(state)
+        assert after != SECURE or state in (CONNECTED, SECURE)
+        state = after
+    assert (state == CLOSED) == (CLOSE in triggers)
+
+
+@settings(max_examples=25, deadline=None)
+@given(losses=st.lists(st.booleans(), max_size=40), close_at=st.integers(0, 59))
+def test_a_call_under_any_loss_moves_through_the_table_only(losses, close_at):
+    pair = Pair()
+    dropped = iter(losses)
+    pair.drop = lambda data, to_server: next(dropped, False)
+    histories: dict[str, list[str]] = {"client": [CHECKING], "server": [NEW]}
+    for step in range(60):
+        if step == close_at:
+            pair.client.close(pair.now, "bye")
+        pair.step(0.02)
+        for name, session in (("client", pair.client), ("server", pair.server)):
+            if session.state != histories[name][-1]:
+                histories[name].append(session.state)
+    for history in histories.values():
+        assert [ORDER.index(s) for s in history] == sorted(ORDER.index(s) for s in history)
+    assert pair.client.state == CLOSED  # closed is final: nothing reopens it

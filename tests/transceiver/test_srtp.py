@@ -1,66 +1,100 @@
-"""SrtpContext: the reused-buffer path through pylibsrtp's binding matches its public API."""
+"""The two SRTP paths: the reused-buffer path through pylibsrtp's binding reads and writes what
+the public API does, the import-time check keeps a broken binding off the hot path, and the
+factory picks the binding while it works."""
 
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pylibsrtp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pylibsrtp._binding import ffi, lib
 
+from voicerelay.transceiver import srtp
 from voicerelay.transceiver.dtls import SrtpKeys
 from voicerelay.transceiver.rtp import (
     RtpPacket,
     build_receiver_report,
     build_sender_report,
 )
-from voicerelay.transceiver.srtp import BUFFER_SIZE, SrtpContext
+from voicerelay.transceiver.srtp import (
+    BUFFER_SIZE,
+    KEY_SIZES,
+    BindingSrtp,
+    PublicSrtp,
+    check_binding,
+    srtp_context,
+)
 
-PROFILES = {"AEAD_AES_128_GCM": 28, "AES_CM_128_HMAC_SHA1_80": 30}
+PATHS = {"binding": BindingSrtp, "public": PublicSrtp}
 
 
-def pair_of_contexts(
-    profile: str, *, sender_binding: bool, receiver_binding: bool
-) -> tuple[SrtpContext, SrtpContext]:
-    """Two ends of one SRTP association, each on the path asked for."""
-    a, b = os.urandom(PROFILES[profile]), os.urandom(PROFILES[profile])
-    sender = SrtpContext(SrtpKeys(profile, a, b), use_binding=sender_binding)
-    receiver = SrtpContext(SrtpKeys(profile, b, a), use_binding=receiver_binding)
-    assert (sender.uses_binding, receiver.uses_binding) == (sender_binding, receiver_binding)
-    return sender, receiver
+def pair_of_contexts(profile: str, sender: str, receiver: str) -> tuple:
+    """Two ends of one SRTP association, each on the path named."""
+    a, b = os.urandom(KEY_SIZES[profile]), os.urandom(KEY_SIZES[profile])
+    return PATHS[sender](SrtpKeys(profile, a, b)), PATHS[receiver](SrtpKeys(profile, b, a))
 
 
 def test_the_binding_path_is_in_use():
-    context, _ = pair_of_contexts("AEAD_AES_128_GCM", sender_binding=True, receiver_binding=True)
-    assert context.uses_binding  # this pylibsrtp still exposes what the hot path needs
+    # Fails when a pylibsrtp upgrade hides or changes what the hot path needs.
+    assert srtp.BINDING_PROBLEM is None, srtp.BINDING_PROBLEM
+    keys = SrtpKeys("AEAD_AES_128_GCM", os.urandom(28), os.urandom(28))
+    assert isinstance(srtp_context(keys), BindingSrtp)
 
 
-@pytest.mark.parametrize("profile", list(PROFILES))
-@pytest.mark.parametrize(("sender_binding", "receiver_binding"), [(True, False), (False, True)])
+def test_without_a_working_binding_the_factory_takes_the_public_api(monkeypatch):
+    monkeypatch.setattr(srtp, "BINDING_PROBLEM", "TypeError: changed")
+    keys = SrtpKeys("AEAD_AES_128_GCM", os.urandom(28), os.urandom(28))
+    assert isinstance(srtp_context(keys), PublicSrtp)
+
+
+def with_functions(**replaced) -> SimpleNamespace:
+    """pylibsrtp's binding with some libsrtp functions as a future release might bind them."""
+    names = ("srtp_protect", "srtp_unprotect", "srtp_protect_rtcp", "srtp_unprotect_rtcp")
+    return SimpleNamespace(**{**{name: getattr(lib, name) for name in names}, **replaced})
+
+
+@pytest.mark.parametrize(
+    ("binding", "problem"),
+    [
+        ((ffi, None), "RuntimeError: pylibsrtp has no _binding module"),
+        # a changed signature: what cffi raises on the first packet
+        ((ffi, with_functions(srtp_protect=lambda srtp, buffer: 0)), "TypeError"),
+        # claims success but leaves the packet as it was
+        ((ffi, with_functions(srtp_protect=lambda srtp, buffer, length: 0)), "does not round"),
+        ((ffi, with_functions(srtp_unprotect_rtcp=lambda srtp, buffer, length: 7)), "RTCP"),
+    ],
+)
+def test_the_check_reports_any_broken_binding(binding, problem):
+    assert check_binding((ffi, lib)) is None
+    found = check_binding(binding)
+    assert found is not None and problem in found
+
+
+@pytest.mark.parametrize("profile", list(KEY_SIZES))
+@pytest.mark.parametrize(("sender", "receiver"), [("binding", "public"), ("public", "binding")])
 @settings(max_examples=20, deadline=None)
 @given(payloads=st.lists(st.binary(max_size=300), min_size=1, max_size=5))
-def test_each_path_reads_what_the_other_writes(profile, sender_binding, receiver_binding, payloads):
-    sender, receiver = pair_of_contexts(
-        profile, sender_binding=sender_binding, receiver_binding=receiver_binding
-    )
+def test_each_path_reads_what_the_other_writes(profile, sender, receiver, payloads):
+    ours, theirs = pair_of_contexts(profile, sender, receiver)
     for seq, payload in enumerate(payloads):
         rtp = RtpPacket(111, seq, seq * 960, 1234, payload).serialize()
-        protected = sender.protect_rtp(rtp)
+        protected = ours.protect_rtp(rtp)
         assert protected != rtp and isinstance(protected, bytes)
-        assert receiver.unprotect_rtp(protected) == rtp
-        assert receiver.unprotect_rtp(protected) is None  # a replay
+        assert theirs.unprotect_rtp(protected) == rtp
+        assert theirs.unprotect_rtp(protected) is None  # a replay
     for rtcp in (build_receiver_report(1234, []), build_sender_report(1234, 1, 2, 3, 4)):
-        protected = sender.protect_rtcp(rtcp)
-        assert receiver.unprotect_rtcp(protected) == rtcp
-    assert receiver.unprotect_failures == len(payloads)
+        protected = ours.protect_rtcp(rtcp)
+        assert theirs.unprotect_rtcp(protected) == rtcp
+    assert theirs.unprotect_failures == len(payloads)
 
 
-@pytest.mark.parametrize("binding", [True, False])
-def test_failures_are_counted_and_refusals_raised_as_pylibsrtp_does(binding):
-    sender, receiver = pair_of_contexts(
-        "AEAD_AES_128_GCM", sender_binding=binding, receiver_binding=binding
-    )
+@pytest.mark.parametrize("path", list(PATHS))
+def test_failures_are_counted_and_refusals_raised_as_pylibsrtp_does(path):
+    sender, receiver = pair_of_contexts("AEAD_AES_128_GCM", path, path)
     rtp = RtpPacket(111, 1, 960, 1234, b"opus").serialize()
     tampered = bytearray(sender.protect_rtp(rtp))
     tampered[-1] ^= 1

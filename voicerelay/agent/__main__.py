@@ -8,7 +8,7 @@ import click
 
 from voicerelay.cli import main as relayctl  # registers `agent`, naming env sources in errors
 from voicerelay.cli.agent_cmds import agent
-from voicerelay.relay.config import ConfigError
+from voicerelay.config import ConfigError
 
 PROG = "python -m voicerelay.agent"
 

@@ -11,10 +11,9 @@ from typing import Any
 
 import click
 
-from voicerelay.cli.relay_cmds import parse_hostport
-from voicerelay.relay.config import ConfigError
+from voicerelay.cli.options import parse_hostport
+from voicerelay.config import DEFAULT_AGENT_PORT, DEFAULT_HOST, ConfigError
 
-DEFAULT_AGENT_PORT = 8765
 log = logging.getLogger("voicerelay.agent")
 
 
@@ -62,7 +61,7 @@ def agent_options(func: Any) -> Any:
         click.option(
             "--listen",
             envvar="VOICERELAY_AGENT_LISTEN",
-            default=f"127.0.0.1:{DEFAULT_AGENT_PORT}",
+            default=f"{DEFAULT_HOST}:{DEFAULT_AGENT_PORT}",
             show_default=True,
             help="HOST:PORT to serve ws://HOST:PORT/v1/realtime on (port 0: any free port).",
         ),
@@ -139,9 +138,10 @@ def agent(**options: Any) -> None:
     import uvloop
 
     from voicerelay.agent.server import create_app, start_agent, ws_url
+    from voicerelay.process import configure_logging
 
     config = agent_config(**options)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
     transcriber, speaker = load_engines(config)
     if config.key is None and not _is_loopback(config.listen[0]):
         log.warning(

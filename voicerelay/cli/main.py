@@ -9,8 +9,8 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from voicerelay.cli import agent_cmds, relay_cmds, stack_cmds, transceiver_cmds
-from voicerelay.relay.config import ConfigError
+from voicerelay.cli import agent_cmds, call_cmds, relay_cmds, stack_cmds, transceiver_cmds
+from voicerelay.config import ConfigError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,7 +61,7 @@ def _name_env_sources(command: click.Command) -> None:
     command.callback = wrapped
 
 
-for _module in (relay_cmds, transceiver_cmds, stack_cmds, agent_cmds):
+for _module in (relay_cmds, transceiver_cmds, call_cmds, stack_cmds, agent_cmds):
     for _command in _module.commands:
         _name_env_sources(_command)
         cli.add_command(_command)

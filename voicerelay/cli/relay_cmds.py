@@ -1,9 +1,8 @@
-"""`relayctl start | stop | stats | status`: run and inspect the relay."""
+"""`relayctl start | stop | restart | stats | status`: run and inspect the relay."""
 
 from __future__ import annotations
 
 import functools
-import ipaddress
 import json
 import time
 from collections.abc import Callable
@@ -12,164 +11,85 @@ from typing import Any
 
 import click
 
-from voicerelay.relay.config import (
+from voicerelay.cli.options import (
+    cluster_id_option,
+    options,
+    parse_hostport,
+    secret_file_option,
+    state_dir_option,
+    usable_state_dir,
+    workers_option,
+)
+from voicerelay.config import (
+    DEFAULT_HOST,
     DEFAULT_INTERNAL_PORT_BASE,
     DEFAULT_PUBLIC_PORT,
-    ConfigError,
-    RelayConfig,
     default_state_dir,
 )
+from voicerelay.relay.config import RelayConfig
 
+# The options of every relay verb (to find the launcher, or configure it).
+relay_options = options(
+    click.option(
+        "--listen",
+        envvar="VOICERELAY_LISTEN",
+        default=f"{DEFAULT_HOST}:{DEFAULT_PUBLIC_PORT}",
+        show_default=True,
+        help="Public UDP address (HOST:PORT) clients send to.",
+    ),
+    state_dir_option("Secret, snapshot, pid and socket files"),
+)
 
-def parse_hostport(
-    text: str,
-    option: str,
-    default_port: int | None = None,
-    *,
-    example_port: int | None = None,
-    min_port: int = 1,
-) -> tuple[str, int]:
-    """`HOST:PORT`, `[V6]:PORT`, or `HOST` when a default port exists.
-
-    Errors (ConfigError, one line) name `option` and show an example with the option's own
-    port (`example_port`, else `default_port`).
-    """
-    example = example_port or default_port or DEFAULT_PUBLIC_PORT
-    text = text.strip()
-    host, sep, port = text.rpartition(":") if not text.endswith("]") else (text, "", "")
-    if not sep or (":" in host and not host.startswith("[")):
-        if default_port is None or (":" in text and not text.startswith("[")):
-            raise ConfigError(
-                f"{option} {text!r} is not HOST:PORT: write e.g. 127.0.0.1:{example} "
-                f"or [::1]:{example}"
-            )
-        host, port = text, str(default_port)
-    host = host.strip("[]")
-    if not port.isdigit():
-        raise ConfigError(f"{option} {text!r} has no numeric port: write e.g. 127.0.0.1:{example}")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigError(
-            f"{option} host {host!r} is not an IP address: write a literal such as "
-            f"127.0.0.1:{example} or [::1]:{example}"
-        ) from None
-    return host, check_port(int(port), f"{option} port", min_port)
-
-
-def check_port(port: int, what: str, min_port: int = 1) -> int:
-    """`port` if it is a usable port number, else a one-line ConfigError naming `what`."""
-    if not min_port <= port <= 65535:
-        raise ConfigError(f"{what} {port} is out of range: use {min_port}-65535")
-    return port
-
-
-def usable_state_dir(path: Path) -> Path:
-    """Create the state directory if needed; a one-line ConfigError if it cannot be used."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(
-            f"--state-dir {path} cannot be used ({exc.strerror}): choose a writable directory"
-        ) from None
-    return path
-
-
-def relay_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """The options shared by every relay verb (to find the launcher, or configure it)."""
-    options = [
-        click.option(
-            "--listen",
-            envvar="VOICERELAY_LISTEN",
-            default=f"127.0.0.1:{DEFAULT_PUBLIC_PORT}",
-            show_default=True,
-            help="Public UDP address (HOST:PORT) clients send to.",
-        ),
-        click.option(
-            "--state-dir",
-            envvar="VOICERELAY_STATE_DIR",
-            type=click.Path(path_type=Path),
-            default=None,
-            help="Secret, snapshot, pid and socket files [default: ~/.local/state/voicerelay].",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def start_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option(
-            "--internal",
-            envvar="VOICERELAY_INTERNAL",
-            default=f"127.0.0.1:{DEFAULT_INTERNAL_PORT_BASE}",
-            show_default=True,
-            help="HOST:BASEPORT of the workers' sockets towards transceivers (worker i uses BASEPORT+i).",
-        ),
-        click.option(
-            "--workers",
-            envvar="VOICERELAY_WORKERS",
-            type=int,
-            default=None,
-            help="Worker processes [default: one per core].",
-        ),
-        click.option(
-            "--capacity",
-            envvar="VOICERELAY_CAPACITY",
-            type=int,
-            default=65536,
-            show_default=True,
-            help="Flows per worker shard.",
-        ),
-        click.option(
-            "--idle-timeout",
-            envvar="VOICERELAY_IDLE_TIMEOUT",
-            type=float,
-            default=30.0,
-            show_default=True,
-            help="Seconds before a silent flow is dropped.",
-        ),
-        click.option(
-            "--secret-file",
-            envvar="VOICERELAY_SECRET_FILE",
-            type=click.Path(path_type=Path),
-            default=None,
-            help="Routing-token keys [default: <state-dir>/secret.key, created if missing].",
-        ),
-        click.option(
-            "--redis",
-            "redis_url",
-            envvar="VOICERELAY_REDIS",
-            default=None,
-            help="Snapshot to Redis (redis://host:port/db) instead of the local file.",
-        ),
-        click.option(
-            "--snapshot-interval",
-            envvar="VOICERELAY_SNAPSHOT_INTERVAL",
-            type=float,
-            default=1.0,
-            show_default=True,
-            help="Seconds between flow-table snapshots.",
-        ),
-        click.option(
-            "--cluster-id",
-            envvar="VOICERELAY_CLUSTER_ID",
-            type=int,
-            default=0,
-            show_default=True,
-            help="This cluster's id in routing tokens.",
-        ),
-        click.option(
-            "--no-pin",
-            is_flag=True,
-            envvar="VOICERELAY_NO_PIN",
-            help="Do not pin workers to cores.",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+# The options that configure a relay (`start`, `restart`).
+start_options = options(
+    click.option(
+        "--internal",
+        envvar="VOICERELAY_INTERNAL",
+        default=f"{DEFAULT_HOST}:{DEFAULT_INTERNAL_PORT_BASE}",
+        show_default=True,
+        help="HOST:BASEPORT of the workers' sockets towards transceivers (worker i uses BASEPORT+i).",
+    ),
+    workers_option("Worker processes"),
+    click.option(
+        "--capacity",
+        envvar="VOICERELAY_CAPACITY",
+        type=int,
+        default=65536,
+        show_default=True,
+        help="Flows per worker shard.",
+    ),
+    click.option(
+        "--idle-timeout",
+        envvar="VOICERELAY_IDLE_TIMEOUT",
+        type=float,
+        default=30.0,
+        show_default=True,
+        help="Seconds before a silent flow is dropped.",
+    ),
+    secret_file_option("[default: <state-dir>/secret.key, created if missing]"),
+    click.option(
+        "--redis",
+        "redis_url",
+        envvar="VOICERELAY_REDIS",
+        default=None,
+        help="Snapshot to Redis (redis://host:port/db) instead of the local file.",
+    ),
+    click.option(
+        "--snapshot-interval",
+        envvar="VOICERELAY_SNAPSHOT_INTERVAL",
+        type=float,
+        default=1.0,
+        show_default=True,
+        help="Seconds between flow-table snapshots.",
+    ),
+    cluster_id_option(),
+    click.option(
+        "--no-pin",
+        is_flag=True,
+        envvar="VOICERELAY_NO_PIN",
+        help="Do not pin workers to cores.",
+    ),
+)
 
 
 def build_config(listen: str, state_dir: Path | None, **extra: Any) -> RelayConfig:
@@ -203,20 +123,18 @@ def _config_for_lookup(listen: str, state_dir: Path | None) -> RelayConfig:
 )
 def start(listen: str, state_dir: Path | None, foreground: bool, **options: Any) -> None:
     """Start the relay: a launcher and one worker per core on one public UDP port."""
-    from voicerelay.relay import launcher
+    from voicerelay.process import configure_logging
+    from voicerelay.relay import launcher, spawn
+    from voicerelay.relay.preflight import ensure_secret
 
     config = build_config(listen, state_dir, **options)
     usable_state_dir(config.state_dir)
-    launcher.ensure_secret(config)  # a missing --secret-file fails here, in one line
+    ensure_secret(config)  # a missing --secret-file fails here, in one line
     if foreground:
-        import logging
-
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-        )
+        configure_logging()
         launcher.run_foreground(config)
         return
-    pid = launcher.start_background(config)
+    pid = spawn.start_background(config)
     click.echo(
         f"relay started on {config.listen_host}:{config.listen_port} "
         f"with {config.workers} workers (pid {pid}); log: {config.log_file}"
@@ -325,12 +243,13 @@ def stats(listen: str, state_dir: Path | None, as_json: bool, watch: bool) -> No
 @start_options
 def restart(listen: str, state_dir: Path | None, **options: Any) -> None:
     """Stop the relay and start it again: flows come back from the snapshot, calls go on."""
-    from voicerelay.relay import launcher
+    from voicerelay.relay import spawn
+    from voicerelay.relay.preflight import ensure_secret
 
     config = build_config(listen, state_dir, **options)
     usable_state_dir(config.state_dir)  # fail on a bad option before the running relay stops
-    launcher.ensure_secret(config)
-    pid = launcher.restart(config)
+    ensure_secret(config)
+    pid = spawn.restart(config)
     click.echo(
         f"relay restarted on {config.listen_host}:{config.listen_port} "
         f"with {config.workers} workers (pid {pid}); log: {config.log_file}"

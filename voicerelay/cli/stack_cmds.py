@@ -14,38 +14,25 @@ from pathlib import Path
 
 import click
 
-from voicerelay.relay.config import ConfigError, RelayConfig, default_state_dir
+from voicerelay.cli.options import consent_timeout_option, state_dir_option, workers_option
+from voicerelay.config import (
+    DEFAULT_AGENT_PORT,
+    DEFAULT_HOST,
+    DEFAULT_HTTP_PORT,
+    DEFAULT_INTERNAL_PORT_BASE,
+    DEFAULT_PUBLIC_PORT,
+    DEFAULT_TRANSCEIVER_PORT,
+    ConfigError,
+    default_state_dir,
+)
+from voicerelay.relay.config import RelayConfig
 
-
-def _start_relay_child(config: RelayConfig, timeout: float = 15.0) -> subprocess.Popen:
-    """The launcher as a child of this process (it dies with us), once it answers."""
-    from voicerelay.relay import control, launcher
-    from voicerelay.relay.worker import die_with_parent
-
-    with open(config.log_file, "ab") as log:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "voicerelay.relay.launcher", launcher.config_to_json(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
-        )
-    deadline = time.monotonic() + timeout
-    while not control.is_running(config):
-        if child.poll() is not None:
-            raise ConfigError(launcher._failure_line(config.log_file, child.returncode))
-        if time.monotonic() > deadline:
-            child.kill()
-            raise ConfigError(
-                f"relay did not come up within {timeout:.0f} s: see {config.log_file}"
-            )
-        time.sleep(0.02)
-    return child
+AGENT_HOST = "127.0.0.1"  # the reference agent listens on loopback only, whatever --host says
 
 
 def _start_agent_child(host: str, port: int, log_file: Path, timeout: float = 90.0):
     """The reference agent as a child of this process, once its /healthz answers."""
-    from voicerelay.relay.worker import die_with_parent
+    from voicerelay.process import die_with_parent
 
     with open(log_file, "ab") as log:
         child = subprocess.Popen(
@@ -108,14 +95,14 @@ def _stop_child(child: subprocess.Popen | None) -> None:
     "--agent-port",
     envvar="VOICERELAY_AGENT_PORT",
     type=int,
-    default=8765,
+    default=DEFAULT_AGENT_PORT,
     show_default=True,
     help="The reference agent's WebSocket port (loopback).",
 )
 @click.option(
     "--host",
     envvar="VOICERELAY_HOST",
-    default="127.0.0.1",
+    default=DEFAULT_HOST,
     show_default=True,
     help="Address everything binds to (clients must reach it).",
 )
@@ -123,7 +110,7 @@ def _stop_child(child: subprocess.Popen | None) -> None:
     "--public-port",
     envvar="VOICERELAY_PUBLIC_PORT",
     type=int,
-    default=3478,
+    default=DEFAULT_PUBLIC_PORT,
     show_default=True,
     help="The relay's public UDP port.",
 )
@@ -131,7 +118,7 @@ def _stop_child(child: subprocess.Popen | None) -> None:
     "--internal-port-base",
     envvar="VOICERELAY_INTERNAL_PORT_BASE",
     type=int,
-    default=4000,
+    default=DEFAULT_INTERNAL_PORT_BASE,
     show_default=True,
     help="First of the relay workers' internal UDP ports.",
 )
@@ -139,7 +126,7 @@ def _stop_child(child: subprocess.Popen | None) -> None:
     "--transceiver-port",
     envvar="VOICERELAY_TRANSCEIVER_PORT",
     type=int,
-    default=5000,
+    default=DEFAULT_TRANSCEIVER_PORT,
     show_default=True,
     help="The transceiver's internal UDP port.",
 )
@@ -147,32 +134,13 @@ def _stop_child(child: subprocess.Popen | None) -> None:
     "--http-port",
     envvar="VOICERELAY_HTTP_PORT",
     type=int,
-    default=8080,
+    default=DEFAULT_HTTP_PORT,
     show_default=True,
     help="Signaling and demo page (HTTP).",
 )
-@click.option(
-    "--workers",
-    envvar="VOICERELAY_WORKERS",
-    type=int,
-    default=None,
-    help="Relay workers [default: one per core].",
-)
-@click.option(
-    "--state-dir",
-    envvar="VOICERELAY_STATE_DIR",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Secret and snapshot [default: ~/.local/state/voicerelay].",
-)
-@click.option(
-    "--consent-timeout",
-    type=float,
-    default=30.0,
-    show_default=True,
-    help="Seconds without a consent check before a call ends (RFC 7675: 30; "
-    "browsers check every ~5 s, so stay well above that).",
-)
+@workers_option("Relay workers")
+@state_dir_option("Secret and snapshot")
+@consent_timeout_option(from_env=False)
 def up(
     app: str,
     agent_url: str | None,
@@ -190,9 +158,10 @@ def up(
     """Start the local voice stack and print where to talk to it. Ctrl-C stops everything."""
     import uvloop
 
-    from voicerelay.cli.relay_cmds import check_port, usable_state_dir
-    from voicerelay.relay import control
-    from voicerelay.relay.launcher import check_port_free, ensure_secret
+    from voicerelay.cli.options import check_port, usable_state_dir
+    from voicerelay.net import check_port_free
+    from voicerelay.relay import control, spawn
+    from voicerelay.relay.preflight import ensure_secret, refuse_if_running
     from voicerelay.transceiver.config import TransceiverConfig
     from voicerelay.transceiver.signaling import Transceiver
 
@@ -231,28 +200,27 @@ def up(
         agent_key=agent_key,
     )
     run_reference_agent = app == "agent" and agent_url is None
-    if control.is_running(relay_config):
-        raise ConfigError(
-            f"a relay already runs on port {public_port}: stop it with `relayctl stop "
-            f"--listen {host}:{public_port}` or choose --public-port"
-        )
+    refuse_if_running(
+        relay_config,
+        f"stop it with `relayctl stop --listen {host}:{public_port}` or choose --public-port",
+    )
     check_port_free(host, public_port, "public port", "--public-port")
     for i in range(relay_config.workers):
         check_port_free(host, internal_port_base + i, "internal port", "--internal-port-base")
     check_port_free(host, transceiver_port, "transceiver port", "--transceiver-port")
-    _check_tcp_free(host, http_port)
+    check_port_free(host, http_port, "port", "--http-port", tcp=True)
     if run_reference_agent:
-        _check_tcp_free("127.0.0.1", agent_port, "--agent-port")
+        check_port_free(AGENT_HOST, agent_port, "port", "--agent-port", tcp=True)
     usable_state_dir(relay_config.state_dir)
     ensure_secret(relay_config)
 
     agent = None
     if run_reference_agent:
         agent, tx_config.agent_url = _start_agent_child(
-            "127.0.0.1", agent_port, relay_config.state_dir / "agent.log"
+            AGENT_HOST, agent_port, relay_config.state_dir / "agent.log"
         )
     try:
-        relay = _start_relay_child(relay_config)
+        relay = spawn.start_child(relay_config)
     except BaseException:
         _stop_child(agent)
         raise
@@ -301,20 +269,6 @@ def up(
             relay.kill()
         _stop_child(agent)
         click.echo("voicerelay stopped")
-
-
-def _check_tcp_free(host: str, port: int, option: str = "--http-port") -> None:
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise ConfigError(
-                f"port {host}:{port} is in use ({exc.strerror}): choose another with {option}"
-            ) from None
 
 
 commands: list[click.Command] = [up]

@@ -2,35 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_PUBLIC_PORT = 3478
-DEFAULT_INTERNAL_PORT_BASE = 4000
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the fix in one line."""
-
-
-def default_state_dir() -> Path:
-    """Where the embedded defaults live: secret, snapshot file, pid file, control socket."""
-    env = os.environ.get("VOICERELAY_STATE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "voicerelay"
+from voicerelay.config import (
+    DEFAULT_HOST,
+    DEFAULT_INTERNAL_PORT_BASE,
+    DEFAULT_PUBLIC_PORT,
+    ConfigError,
+    check_cluster_id,
+    default_state_dir,
+    secret_path,
+)
 
 
 @dataclass
 class RelayConfig:
     """Everything a launcher and its workers need to know."""
 
-    listen_host: str = "127.0.0.1"
+    listen_host: str = DEFAULT_HOST
     listen_port: int = DEFAULT_PUBLIC_PORT
-    internal_host: str = "127.0.0.1"
+    internal_host: str = DEFAULT_HOST
     internal_port_base: int = DEFAULT_INTERNAL_PORT_BASE
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     capacity: int = 65536  # flows per worker shard
@@ -48,10 +44,21 @@ class RelayConfig:
             self.secret_file = Path(self.secret_file).expanduser()
         self.validate()
 
+    # Passing to another process ---------------------------------------------------------
+    def to_json(self) -> str:
+        """The config as one JSON argument (how `relayctl up` hands it to a launcher)."""
+        fields = dataclasses.asdict(self)
+        return json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in fields.items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> RelayConfig:
+        """The config `to_json` wrote, validated again."""
+        return cls(**json.loads(text))
+
     # Derived names ----------------------------------------------------------------------
     @property
     def secret_path(self) -> Path:
-        return self.secret_file or self.state_dir / "secret.key"
+        return secret_path(self.state_dir, self.secret_file)
 
     @property
     def shm_name(self) -> str:
@@ -110,8 +117,7 @@ class RelayConfig:
             raise ConfigError(
                 f"snapshot interval {self.snapshot_interval} is out of range: use 0.05-3600 s"
             )
-        if not 0 <= self.cluster_id <= 65535:
-            raise ConfigError(f"cluster id {self.cluster_id} is out of range: use 0-65535")
+        check_cluster_id(self.cluster_id)
         if self.redis_url is not None and not self.redis_url.startswith(
             ("redis://", "rediss://", "unix://")
         ):

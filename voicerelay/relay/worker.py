@@ -11,8 +11,6 @@ transceiver's replies still land after this worker is restarted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -23,6 +21,7 @@ from collections.abc import Callable
 import uvloop
 
 from voicerelay.net import bind_udp
+from voicerelay.process import die_with_parent
 from voicerelay.relay.config import RelayConfig
 from voicerelay.relay.mmsg import DatagramBatch, Route
 from voicerelay.relay.router import RelayRouter
@@ -37,13 +36,6 @@ TICK = 0.1  # flush, expiry and counter publication period (seconds)
 BATCH = 64  # datagrams per recvmmsg/sendmmsg
 SLOT = 2048  # bytes per datagram slot: above the largest accepted envelope (oversize shows)
 MAX_BATCHES = 16  # batches per wake-up before yielding to the loop
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGTERM this process when its parent (the launcher) dies."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Pump:

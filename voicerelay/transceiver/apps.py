@@ -6,7 +6,9 @@ under the server's own SSRC and sequence numbers.
 
 Decoded-audio apps sit behind the same seam: `voicerelay.voice.pipeline.CallAudio` decodes,
 endpoints and paces, and sends its frames from `handle_timer`, driven by the session's timer
-(docs/VOICE.md).
+(docs/VOICE.md). The session asks for the app's timer only once the call is secure, and an app
+whose `on_rtp` can move that timer says so with `moves_timer` (the server then re-arms after
+media; the echo's does not, so echo media only transmits).
 """
 
 from __future__ import annotations

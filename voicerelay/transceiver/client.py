@@ -25,6 +25,8 @@ import aiohttp
 from voicerelay.transceiver import sdp
 from voicerelay.transceiver.certificate import Certificate
 from voicerelay.transceiver.session import (
+    CLOSED,
+    SECURE,
     DtlsConnected,
     IceConnected,
     RtpReceived,
@@ -127,7 +129,7 @@ class ClientCall(asyncio.DatagramProtocol):
             remote_addr=answer.candidate,
             ssrc=self.ssrc,
         )
-        self._pump()
+        self._after_input()
 
     @property
     def local_addr(self) -> Addr:
@@ -152,10 +154,10 @@ class ClientCall(asyncio.DatagramProtocol):
             addr = self._remote  # type: ignore[assignment]  # as if the relay had sent it
         now = self.clock()
         self.session.receive(data, addr[:2], now)
-        if data and 128 <= data[0] <= 191 and self.session.state == "secure":
+        if data and 128 <= data[0] <= 191 and self.session.state == SECURE:
             self._take_media(now)  # SRTP/SRTCP in: nothing to send, no timer moves
         else:
-            self._pump()
+            self._after_input()
 
     def _take_media(self, now: float) -> None:
         for event in self.session.events():  # type: ignore[union-attr]
@@ -174,10 +176,10 @@ class ClientCall(asyncio.DatagramProtocol):
         self._timer_when = None
         if self.session is not None and not self.timers_paused:
             self.session.handle_timer(self.clock())
-            self._pump()
+            self._after_input()
 
-    def _send_pending(self) -> None:
-        """Put what the session wants to send on the wire (enveloped when direct)."""
+    def _transmit(self) -> None:
+        """Put what the session queued on the wire (enveloped when direct)."""
         transport = self.transport
         if transport is None:
             return
@@ -189,10 +191,12 @@ class ClientCall(asyncio.DatagramProtocol):
             for data, _ in out:
                 transport.sendto(self._header + data, self._direct)
 
-    def _pump(self) -> None:
+    def _after_input(self) -> None:
+        """After any input (a datagram, the timer, setup, close): transmit, act on the
+        session's events, re-arm its timer."""
         session = self.session
         assert session is not None
-        self._send_pending()
+        self._transmit()
         now = self.clock()
         for event in session.events():
             if isinstance(event, RtpReceived):
@@ -229,7 +233,7 @@ class ClientCall(asyncio.DatagramProtocol):
         self._seq = seq = (self._seq + 1) & 0xFFFF
         packet = _RTP_HEADER.pack(0x80, OPUS_PT, seq, timestamp & 0xFFFFFFFF, self.ssrc)
         session.send_rtp(packet + payload, self.clock())
-        self._send_pending()  # sending RTP raises no events and moves no timer
+        self._transmit()  # sending RTP raises no events and moves no timer
 
     @property
     def rtp_sent(self) -> int:
@@ -254,8 +258,8 @@ class ClientCall(asyncio.DatagramProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self.session is not None and self.session.state != "closed":
+        if self.session is not None and self.session.state != CLOSED:
             self.session.close(self.clock(), "client-closed")
-            self._pump()  # close_notify out; a closed session arms no timer
+            self._after_input()  # close_notify out; a closed session arms no timer
         if self.transport is not None:
             self.transport.close()

@@ -6,16 +6,25 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from voicerelay.relay.config import DEFAULT_PUBLIC_PORT, ConfigError, default_state_dir
-
-Addr = tuple[str, int]
+from voicerelay.config import (
+    DEFAULT_AGENT_PORT,
+    DEFAULT_HOST,
+    DEFAULT_HTTP_PORT,
+    DEFAULT_PUBLIC_PORT,
+    DEFAULT_TRANSCEIVER_PORT,
+    ConfigError,
+    check_cluster_id,
+    default_state_dir,
+    secret_path,
+)
+from voicerelay.wire.addr import Addr
 
 
 @dataclass
 class TransceiverConfig:
-    internal: Addr = ("127.0.0.1", 5000)  # UDP endpoint the relay workers talk envelopes to
-    http: Addr = ("127.0.0.1", 8080)  # signaling and the demo page
-    relay_public: Addr = ("127.0.0.1", DEFAULT_PUBLIC_PORT)  # the only candidate in answers
+    internal: Addr = (DEFAULT_HOST, DEFAULT_TRANSCEIVER_PORT)  # the relay sends envelopes here
+    http: Addr = (DEFAULT_HOST, DEFAULT_HTTP_PORT)  # signaling and the demo page
+    relay_public: Addr = (DEFAULT_HOST, DEFAULT_PUBLIC_PORT)  # the only candidate in answers
     state_dir: Path = field(default_factory=default_state_dir)
     secret_file: Path | None = None
     cluster_id: int = 0
@@ -48,11 +57,10 @@ class TransceiverConfig:
         if self.agent_url is not None and not self.agent_url.startswith(("ws://", "wss://")):
             raise ConfigError(
                 f"--agent-url {self.agent_url!r} is not a WebSocket URL: "
-                "write e.g. ws://127.0.0.1:8765/v1/realtime"
+                f"write e.g. ws://{DEFAULT_HOST}:{DEFAULT_AGENT_PORT}/v1/realtime"
             )
-        if not 0 <= self.cluster_id <= 65535:
-            raise ConfigError(f"cluster id {self.cluster_id} is out of range: use 0-65535")
+        check_cluster_id(self.cluster_id)
 
     @property
     def secret_path(self) -> Path:
-        return self.secret_file or self.state_dir / "secret.key"
+        return secret_path(self.state_dir, self.secret_file)

@@ -4,6 +4,17 @@ Feed datagrams with `receive`, collect datagrams with `datagrams_to_send` (whole
 packed up to the MTU), drive retransmission with `next_timer`/`handle_timer`. Once the
 handshake is done and the peer's certificate matches the SDP fingerprint, `srtp_keys` holds
 the RFC 5764 keying material for the negotiated profile.
+
+The one clock the transceiver's sans-IO core does not own is here: OpenSSL times DTLS
+retransmission (1 s, doubling to 60 s) on its own clock, and nothing pyOpenSSL exposes moves it.
+`DTLSv1_handle_timeout` does nothing until OpenSSL's clock says the flight is due, OpenSSL also
+retransmits by itself inside any handshake step once it is due, `DTLS_set_timer_cb` is neither
+bound nor exported from the OpenSSL that cryptography links in, and sending the last flight
+again ourselves would repeat its record numbers, which the peer drops as replays (so a lost
+final flight would never be answered). So `next_timer` maps OpenSSL's remaining time onto the
+injected clock (`now` of the last input + what OpenSSL has left), and `handle_timer` lets
+OpenSSL retransmit when its clock agrees. On a clock that runs faster than real time (tests),
+a lost flight is resent only once that much real time has passed.
 """
 
 from __future__ import annotations
@@ -23,13 +34,31 @@ SRTP_PROFILES = {
     b"SRTP_AES128_CM_SHA1_80": ("AES_CM_128_HMAC_SHA1_80", 16, 14),
 }
 DEFAULT_PROFILES = b"SRTP_AEAD_AES_128_GCM:SRTP_AES128_CM_SHA1_80"
-_RECORD_HEADER = struct.Struct("!BHHIH")  # type, version, epoch, seq (48 bits split), length
-RECORD_HEADER_SIZE = 13
-ALERT = 21
+RECORD_HEADER_SIZE = 13  # type, version, epoch, 48-bit sequence number, length
+
+# Association states (`DtlsEndpoint.state`); `TRANSITIONS` is the only place that moves them.
+NEW = "new"
+HANDSHAKING = "handshaking"
+CONNECTED = "connected"  # handshake done, peer checked, `srtp_keys` set
+FAILED = "failed"  # `error` says why
+CLOSED = "closed"
+# What moves them:
+BEGIN = "begin"  # the client's first flight, or the first datagram in
+HANDSHAKE_DONE = "handshake-done"
+FAIL = "fail"
+CLOSE = "close"  # ours or the peer's close_notify
+TRANSITIONS: dict[str, dict[str, str]] = {
+    NEW: {BEGIN: HANDSHAKING, CLOSE: CLOSED},
+    HANDSHAKING: {HANDSHAKE_DONE: CONNECTED, FAIL: FAILED, CLOSE: CLOSED},
+    CONNECTED: {CLOSE: CLOSED},
+    FAILED: {CLOSE: CLOSED},
+    CLOSED: {},
+}
 
 
-class DtlsError(Exception):
-    """The handshake failed or the peer is not who the SDP said."""
+def next_state(state: str, trigger: str) -> str:
+    """The state after `trigger`; a trigger the state does not list leaves it as it is."""
+    return TRANSITIONS[state].get(trigger, state)
 
 
 @dataclass
@@ -128,7 +157,7 @@ class DtlsEndpoint:
             self.conn.set_connect_state()
         else:
             self.conn.set_accept_state()
-        self.state = "new"  # new -> handshaking -> connected | failed | closed
+        self.state = NEW
         self.srtp_keys: SrtpKeys | None = None
         self.error: str | None = None
         self.records_in_error = 0
@@ -136,20 +165,22 @@ class DtlsEndpoint:
         self._timer: float | None = None
         self._now = 0.0
 
+    def _move(self, trigger: str) -> None:
+        self.state = next_state(self.state, trigger)
+
     # Inputs -----------------------------------------------------------------------------------
     def start(self, now: float) -> None:
         """Begin the handshake (the client's first flight; a no-op for a server)."""
-        if self.state == "new":
-            self.state = "handshaking"
+        if self.state == NEW:
+            self._move(BEGIN)
             self._now = now
             self._step()
 
     def receive(self, data: bytes, now: float) -> list[bytes]:
         """Feed one datagram; returns application data (unused by WebRTC media)."""
-        if self.state in ("failed", "closed"):
+        if self.state in (FAILED, CLOSED):
             return []
-        if self.state == "new":
-            self.state = "handshaking"
+        self._move(BEGIN)
         self._now = now
         try:
             self.conn.bio_write(data)
@@ -159,23 +190,24 @@ class DtlsEndpoint:
         return self._step()
 
     def handle_timer(self, now: float) -> None:
-        if self._timer is None or now < self._timer or self.state != "handshaking":
+        """Let OpenSSL retransmit its last flight if it is due (by OpenSSL's clock: see above)."""
+        if self._timer is None or now < self._timer or self.state != HANDSHAKING:
             return
         self._now = now
         try:
             self.conn.DTLSv1_handle_timeout()
         except SSL.Error as exc:
             self._fail(f"retransmission failed: {exc}")
-        self._flush()
+        self._drain_bio()
         self._rearm()
 
     def close(self) -> None:
         """Send close_notify (if connected) and stop."""
-        if self.state == "connected":
+        if self.state == CONNECTED:
             with contextlib.suppress(SSL.Error):
                 self.conn.shutdown()
-            self._flush()
-        self.state = "closed"
+            self._drain_bio()
+        self._move(CLOSE)
         self._timer = None
 
     # Outputs ----------------------------------------------------------------------------------
@@ -184,12 +216,13 @@ class DtlsEndpoint:
         return out
 
     def next_timer(self) -> float | None:
+        """When OpenSSL's retransmission is due, on the injected clock (None: nothing pending)."""
         return self._timer
 
     # Internals --------------------------------------------------------------------------------
     def _step(self) -> list[bytes]:
         received: list[bytes] = []
-        if self.state == "handshaking":
+        if self.state == HANDSHAKING:
             try:
                 self.conn.do_handshake()
             except SSL.WantReadError:
@@ -198,25 +231,28 @@ class DtlsEndpoint:
                 self._fail(f"handshake failed: {exc}")
             else:
                 self._connected()
-        if self.state == "connected":
-            while True:
-                try:
-                    chunk = self.conn.recv(1500)
-                except SSL.WantReadError:
-                    break
-                except SSL.ZeroReturnError:
-                    self.state = "closed"
-                    self.error = "peer sent close_notify"
-                    break
-                except SSL.Error:
-                    self.records_in_error += 1
-                    break
-                if not chunk:
-                    break
-                received.append(chunk)
-        self._flush()
+        if self.state == CONNECTED:
+            self._read_application_data(received)
+        self._drain_bio()
         self._rearm()
         return received
+
+    def _read_application_data(self, received: list[bytes]) -> None:
+        while True:
+            try:
+                chunk = self.conn.recv(1500)
+            except SSL.WantReadError:
+                return
+            except SSL.ZeroReturnError:
+                self.error = "peer sent close_notify"
+                self._move(CLOSE)
+                return
+            except SSL.Error:
+                self.records_in_error += 1
+                return
+            if not chunk:
+                return
+            received.append(chunk)
 
     def _connected(self) -> None:
         cert = self.conn.get_peer_certificate()
@@ -232,6 +268,12 @@ class DtlsEndpoint:
         if name not in SRTP_PROFILES:
             self._fail(f"no common SRTP profile ({name!r})")
             return
+        self.srtp_keys = self._export_keys(name)
+        self._move(HANDSHAKE_DONE)
+        self._timer = None
+
+    def _export_keys(self, name: bytes) -> SrtpKeys:
+        """RFC 5764 s4.2 keying material, split into what we protect and unprotect with."""
         profile, key_len, salt_len = SRTP_PROFILES[name]
         material = self.conn.export_keying_material(
             b"EXTRACTOR-dtls_srtp", 2 * (key_len + salt_len)
@@ -242,17 +284,16 @@ class DtlsEndpoint:
         server_salt = material[2 * key_len + salt_len :]
         client, server = client_key + client_salt, server_key + server_salt
         local, remote = (client, server) if self.role == "client" else (server, client)
-        self.srtp_keys = SrtpKeys(profile, local, remote)
-        self.state = "connected"
-        self._timer = None
+        return SrtpKeys(profile, local, remote)
 
     def _fail(self, reason: str) -> None:
         self.error = reason
-        self.state = "failed"
+        self._move(FAIL)
         self._timer = None
-        self._flush()  # an alert may be pending
+        self._drain_bio()  # an alert may be pending
 
-    def _flush(self) -> None:
+    def _drain_bio(self) -> None:
+        """Move what OpenSSL wrote to its outgoing memory BIO into datagrams to send."""
         pending = b""
         while True:
             try:
@@ -268,8 +309,8 @@ class DtlsEndpoint:
             self._outbox.extend(pack_records(split_records(pending), self.mtu))
 
     def _rearm(self) -> None:
-        if self.state != "handshaking":
+        if self.state != HANDSHAKING:
             self._timer = None
             return
-        timeout = self.conn.DTLSv1_get_timeout()
+        timeout = self.conn.DTLSv1_get_timeout()  # OpenSSL's clock, read here only
         self._timer = None if timeout is None else self._now + timeout

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass, field
 
 from voicerelay.transceiver.certificate import normalize_fingerprint
+from voicerelay.wire.addr import Addr
 
-Addr = tuple[str, int]
 _ICE_CHARS = re.compile(r"[A-Za-z0-9+/]+")
 
 

@@ -9,6 +9,9 @@ A call's voice app is the codec-free echo, or (with a `VoiceAgent`) a decoded-au
 `CallAudio` whose events the call's `AgentCall` hands to the agent's task. Each call also has an
 `EventFeed` of conversation events for pages. The address map changes only through the
 session's `AddressChanged` events.
+
+After any input to a call (a datagram, its timer, its agent) the server transmits what the
+session queued, acts on its events and re-arms its timer; echo media only transmits.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from voicerelay.transceiver.certificate import Certificate
 from voicerelay.transceiver.config import TransceiverConfig
 from voicerelay.transceiver.feed import EventFeed
 from voicerelay.transceiver.session import (
+    SECURE,
     AddressChanged,
     DtlsConnected,
     IceConnected,
@@ -134,7 +138,7 @@ class TransceiverServer(asyncio.DatagramProtocol):
         now = self.clock()
         for call in list(self.calls.values()):
             call.session.close(now, "server-stopped")
-            self._flush(call, now)
+            self._after_input(call, now)
         for task in self._agent_tasks:
             task.cancel()
         if self._timer_handle is not None:
@@ -204,7 +208,7 @@ class TransceiverServer(asyncio.DatagramProtocol):
             return False
         now = self.clock()
         call.session.close(now, "deleted")
-        self._flush(call, now)
+        self._after_input(call, now)
         return True
 
     def session_stats(self, call_id: str) -> dict[str, Any] | None:
@@ -220,6 +224,11 @@ class TransceiverServer(asyncio.DatagramProtocol):
         """The conversation events of a session (None: no such session)."""
         call = self.calls.get(call_id)
         return call.feed if call is not None else None
+
+    @property
+    def cached_headers(self) -> int:
+        """Envelope headers remembered as valid (at most `CLIENT_CACHE_LIMIT`)."""
+        return len(self._clients)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -265,10 +274,10 @@ class TransceiverServer(asyncio.DatagramProtocol):
         except Exception:  # a bug in one session must not take the process down
             log.exception("session %s failed on input; closing it", call.id)
             session.close(now, "internal-error")
-        if 127 < first < 192 and session.state == "secure" and not call.moves_timer:
-            self._send(call)  # echo media moves no timer and raises no event (see Session)
+        if 127 < first < 192 and session.state == SECURE and not call.moves_timer:
+            self._transmit(call)  # echo media moves no timer and raises no event (see Session)
         else:
-            self._flush(call, now)
+            self._after_input(call, now)
 
     def _read_header(self, data: bytes) -> Addr | None:
         """The client of an envelope whose header is not cached yet (None: dropped)."""
@@ -285,7 +294,7 @@ class TransceiverServer(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         self.counters["socket_errors"] += 1
 
-    def _send(self, call: Call) -> None:
+    def _transmit(self, call: Call) -> None:
         """Envelope what the session has to send to the relay worker each client last used."""
         out = call.session.datagrams_to_send()
         transport = self.transport
@@ -298,11 +307,11 @@ class TransceiverServer(asyncio.DatagramProtocol):
                 header = headers.get(client) or _new_header(call, client)
                 transport.sendto(header + datagram, relay)
 
-    def _flush(self, call: Call, now: float) -> None:
-        """After any input to a call: send, act on its events, hand the agent its events,
-        re-arm its timer."""
+    def _after_input(self, call: Call, now: float) -> None:
+        """After any input to a call (a datagram, its timer, its agent): transmit, act on its
+        events, hand the agent its events, re-arm its timer."""
         session = call.session
-        self._send(call)
+        self._transmit(call)
         for event in session.events():
             if isinstance(event, IceConnected):
                 call.connected_at = call.connected_at or now
@@ -321,9 +330,9 @@ class TransceiverServer(asyncio.DatagramProtocol):
         self._schedule(call)
 
     def _wake(self, call: Call) -> None:
-        """The agent queued or dropped audio: send what is due and re-arm the call's timer."""
+        """The agent queued or dropped audio: transmit what is due, re-arm the call's timer."""
         if self.calls.get(call.id) is call:
-            self._flush(call, self.clock())
+            self._after_input(call, self.clock())
 
     def _start_agent(self, call: Call, now: float) -> None:
         if call.agent_call is None or self.agent is None:
@@ -389,5 +398,5 @@ class TransceiverServer(asyncio.DatagramProtocol):
             except Exception:
                 log.exception("session %s failed in a timer; closing it", call.id)
                 call.session.close(now, "internal-error")
-            self._flush(call, now)
+            self._after_input(call, now)
         self._arm()

@@ -2,12 +2,18 @@
 
     session.receive(datagram, addr, now)      # whatever arrived for this call
     session.datagrams_to_send()               # [(datagram, addr)] to put on the wire
-    session.next_timer() / handle_timer(now)  # retransmission, consent, RTCP
+    session.next_timer() / handle_timer(now)  # retransmission, consent, RTCP, the app's pacing
     session.events()                          # IceConnected, AddressChanged, DtlsConnected,
                                               # RtpReceived, SessionClosed
 
 Role "lite" is the server (answers checks, hands audio to the app); role "controlling" is a
-client (sends checks and media with `send_rtp`). No sockets, threads or clock reads here.
+client (sends checks and media with `send_rtp`). No sockets or threads here, and every time is
+the injected `now`, with one exception owned by `dtls.py`: OpenSSL times DTLS retransmission on
+its own clock (nothing pyOpenSSL exposes can move it); the session only sees its deadline
+mapped onto `now`, so on a fake clock a lost DTLS flight is resent after that much real time.
+
+`state` moves only through `TRANSITIONS`: new -> checking (a client's first check) ->
+connected (ICE selected an address) -> secure (DTLS up, SRTP keyed) -> closed (from anywhere).
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from voicerelay.transceiver import dtls
 from voicerelay.transceiver.apps import VoiceApp
 from voicerelay.transceiver.certificate import Certificate
 from voicerelay.transceiver.dtls import DEFAULT_PROFILES, DtlsEndpoint
-from voicerelay.transceiver.ice import IceController, IceLite
+from voicerelay.transceiver.ice import IceAgent, IceController, IceLite
 from voicerelay.transceiver.rtp import (
     RTCP_RR,
     RTCP_SR,
@@ -32,7 +39,7 @@ from voicerelay.transceiver.rtp import (
     ntp_middle,
     parse_rtcp,
 )
-from voicerelay.transceiver.srtp import SrtpContext
+from voicerelay.transceiver.srtp import SrtpContext, srtp_context
 from voicerelay.wire.addr import Addr
 
 _RTP_FIELDS = struct.Struct("!HII")  # seq, timestamp, ssrc at offset 2
@@ -51,6 +58,31 @@ COUNTER_NAMES = (
     "srtp_errors",
     "rtcp_errors",
 )
+
+# Session states (`Session.state`), in the order a call goes through them.
+NEW = "new"
+CHECKING = "checking"
+CONNECTED = "connected"
+SECURE = "secure"
+CLOSED = "closed"
+# What moves them:
+CHECKS_SENT = "checks-sent"  # our ICE agent sent a check (a client's, from its first timer)
+ICE_SELECTED = "ice-selected"  # ICE selected a first address for media
+DTLS_UP = "dtls-up"  # the handshake finished and SRTP is keyed
+CLOSE = "close"  # closed by us, the peer, DTLS failure or lapsed consent
+TRANSITIONS: dict[str, dict[str, str]] = {
+    NEW: {CHECKS_SENT: CHECKING, ICE_SELECTED: CONNECTED, CLOSE: CLOSED},
+    CHECKING: {ICE_SELECTED: CONNECTED, CLOSE: CLOSED},
+    CONNECTED: {DTLS_UP: SECURE, CLOSE: CLOSED},
+    SECURE: {CLOSE: CLOSED},
+    CLOSED: {},
+}
+
+
+def next_state(state: str, trigger: str) -> str:
+    """The state after `trigger`; a trigger the state does not list leaves it as it is
+    (checks go on after connecting; an address re-nominated keeps the call secure)."""
+    return TRANSITIONS[state].get(trigger, state)
 
 
 @dataclass
@@ -99,7 +131,7 @@ class Session:
 
     Media (SRTP/SRTCP in, `send_rtp` out) changes no state and, with an app whose
     `moves_timer` is False (echo), moves no timer and raises no event: the server's hot path
-    relies on that and after such media only sends (see `TransceiverServer.datagram_received`).
+    relies on that and after such media only transmits (see `TransceiverServer.datagram_received`).
     The app's own timer (a decoded-audio app paces its output on it) is part of `next_timer`.
     Counters are plain attributes (named in `COUNTER_NAMES`); `counters` reads them as a dict.
     """
@@ -123,31 +155,16 @@ class Session:
     ) -> None:
         self.config = cfg = config or SessionConfig()
         self.ice_role = ice_role
-        self.ice: IceLite | IceController
-        if ice_role == "lite":
-            self.ice = IceLite(local_ufrag, local_pwd, remote_ufrag, cfg.consent_timeout, now)
-        elif ice_role == "controlling":
-            if remote_addr is None:
-                raise ValueError("a controlling session needs remote_addr")
-            self.ice = IceController(
-                local_ufrag,
-                remote_ufrag,
-                remote_pwd,
-                remote_addr,
-                check_interval=cfg.check_interval,
-                consent_interval=cfg.consent_interval,
-                consent_timeout=cfg.consent_timeout,
-                now=now,
-            )
-        else:
-            raise ValueError(f"ice_role must be lite or controlling, not {ice_role!r}")
+        self.ice: IceAgent = _ice_agent(
+            ice_role, local_ufrag, local_pwd, remote_ufrag, remote_pwd, remote_addr, cfg, now
+        )
         self.dtls = DtlsEndpoint(
             dtls_role, certificate, remote_fingerprint, mtu=cfg.mtu, profiles=cfg.srtp_profiles
         )
         self.app = app
         self.ssrc = ssrc if ssrc is not None else int.from_bytes(os.urandom(4), "big")
         self.srtp: SrtpContext | None = None
-        self.state = "new"
+        self.state = NEW
         self.close_reason: str | None = None
         self.rx = ReceiveStats()
         self.rtt: float | None = None
@@ -161,9 +178,10 @@ class Session:
         self.rtp_in = self.rtp_out = self.rtcp_in = self.rtcp_out = 0
         self.dropped_before_secure = self.dropped_unknown = self.dropped_wrong_address = 0
         self.srtp_errors = self.rtcp_errors = 0
-        if ice_role == "controlling":
-            self.state = "checking"
-            self._poll_checks(now)
+        self._ice_timer(now)  # a client's first check goes out at once
+
+    def _move(self, trigger: str) -> None:
+        self.state = next_state(self.state, trigger)
 
     # Inputs -----------------------------------------------------------------------------------
     @property
@@ -173,7 +191,7 @@ class Session:
 
     def receive(self, data: bytes, addr: Addr, now: float) -> None:
         """Feed one datagram that arrived for this call. Never raises on bad input."""
-        if self.state == "closed":
+        if self.state == CLOSED:
             return
         self.packets_in += 1
         self.bytes_in += len(data)
@@ -188,15 +206,14 @@ class Session:
             self.dropped_unknown += 1
 
     def _receive_stun(self, data: bytes, addr: Addr, now: float) -> None:
-        was_connected = self.ice.selected is not None
-        if isinstance(self.ice, IceLite):
-            response = self.ice.handle(data, addr, now)
-            if response is not None:
-                self._out.append((response, addr))
-        else:
-            self.ice.handle(data, addr, now)
-        self._set_media_to(self.ice.selected)
-        if not was_connected and self.ice.selected is not None:
+        ice = self.ice
+        was_connected = ice.selected is not None
+        ice.handle(data, addr, now)
+        # Answers to checks (a lite agent's only output) are not in packets_out/bytes_out:
+        # they never were, and the counters stay as they are.
+        self._out += ice.datagrams_to_send()
+        self._set_media_to(ice.selected)
+        if not was_connected and ice.selected is not None:
             self._on_ice_connected(now)
 
     def _set_media_to(self, addr: Addr | None) -> None:
@@ -206,12 +223,11 @@ class Session:
 
     def _on_ice_connected(self, now: float) -> None:
         assert self.ice.selected is not None
-        if self.state in ("new", "checking"):
-            self.state = "connected"
+        self._move(ICE_SELECTED)
         self._events.append(IceConnected(self.ice.selected))
         if self.dtls.role == "client":
             self.dtls.start(now)
-            self._flush_dtls()
+            self._send_dtls()
 
     def _receive_dtls(self, data: bytes, addr: Addr, now: float) -> None:
         if self.ice.selected is None:
@@ -219,22 +235,22 @@ class Session:
             return
         before = self.dtls.state
         self.dtls.receive(data, now)
-        self._flush_dtls()
+        self._send_dtls()
         self._after_dtls(before, now)
 
     def _after_dtls(self, before: str, now: float) -> None:
         state = self.dtls.state
         if state == before:
             return
-        if state == "connected" and self.dtls.srtp_keys is not None:
-            self.srtp = SrtpContext(self.dtls.srtp_keys)
-            self.state = "secure"
+        if state == dtls.CONNECTED and self.dtls.srtp_keys is not None:
+            self.srtp = srtp_context(self.dtls.srtp_keys)
+            self._move(DTLS_UP)
             self._next_rtcp = now + min(self.config.rtcp_first, self.config.rtcp_interval)
             self._events.append(DtlsConnected(self.dtls.srtp_keys.profile))
-        elif state == "failed":
-            self._finish(now, self.dtls.error or "dtls-failed")
-        elif state == "closed":
-            self._finish(now, "peer-closed")
+        elif state == dtls.FAILED:
+            self.close(now, self.dtls.error or "dtls-failed")
+        elif state == dtls.CLOSED:
+            self.close(now, "peer-closed")
 
     def _receive_media(self, data: bytes, addr: Addr, now: float) -> None:
         srtp = self.srtp
@@ -306,7 +322,8 @@ class Session:
         self.bytes_out += len(data)
         self._out.append((data, addr))
 
-    def _flush_dtls(self) -> None:
+    def _send_dtls(self) -> None:
+        """Queue what the DTLS endpoint wrote, to the selected address (dropped before ICE)."""
         target = self.ice.selected
         for datagram in self.dtls.datagrams_to_send():
             if target is not None:
@@ -322,11 +339,9 @@ class Session:
 
     # Timers -----------------------------------------------------------------------------------
     def next_timer(self) -> float | None:
-        if self.state == "closed":
+        if self.state == CLOSED:
             return None
-        candidates = [
-            self.ice.consent_deadline() if isinstance(self.ice, IceLite) else self.ice.next_timer()
-        ]
+        candidates = [self.ice.next_timer()]
         app_timer = self.app.next_timer() if self.app is not None and self.srtp else None
         for t in (self.dtls.next_timer(), self._next_rtcp, app_timer):
             if t is not None:
@@ -334,18 +349,17 @@ class Session:
         return min(candidates)
 
     def handle_timer(self, now: float) -> None:
-        if self.state == "closed":
+        if self.state == CLOSED:
             return
         if self.ice.expired(now):
             self.close(now, "consent-expired")
             return
-        if isinstance(self.ice, IceController):
-            self._poll_checks(now)
+        self._ice_timer(now)
         before = self.dtls.state
         self.dtls.handle_timer(now)
-        self._flush_dtls()
+        self._send_dtls()
         self._after_dtls(before, now)
-        if self.state != "secure":
+        if self.state != SECURE:
             return
         if self.app is not None:
             for packet in self.app.handle_timer(now):
@@ -354,10 +368,14 @@ class Session:
             self._next_rtcp = now + self.config.rtcp_interval
             self._send_rtcp(now)
 
-    def _poll_checks(self, now: float) -> None:
-        assert isinstance(self.ice, IceController)
-        for request in self.ice.poll(now):
-            self._send(request, self.ice.remote)
+    def _ice_timer(self, now: float) -> None:
+        """Run the ICE agent's timer and send its checks (a controlling agent's only output)."""
+        self.ice.handle_timer(now)
+        checks = self.ice.datagrams_to_send()
+        for check, addr in checks:
+            self._send(check, addr)
+        if checks:
+            self._move(CHECKS_SENT)
 
     def _send_rtcp(self, now: float) -> None:
         if self.srtp is None or self.ice.selected is None:
@@ -379,20 +397,13 @@ class Session:
 
     # Closing ----------------------------------------------------------------------------------
     def close(self, now: float, reason: str = "closed") -> None:
-        """End the call: close_notify to the peer, a SessionClosed event."""
-        if self.state == "closed":
+        """End the call: close_notify to the peer (if DTLS is still up), a SessionClosed event."""
+        if self.state == CLOSED:
             return
-        self.dtls.close()
-        self._flush_dtls()
-        self._finish(now, reason)
-
-    def _finish(self, now: float, reason: str) -> None:
-        if self.state == "closed":
-            return
-        if self.dtls.state not in ("closed", "failed"):
+        if self.dtls.state not in (dtls.CLOSED, dtls.FAILED):
             self.dtls.close()
-            self._flush_dtls()
-        self.state = "closed"
+            self._send_dtls()
+        self._move(CLOSE)
         self._set_media_to(None)
         self.close_reason = reason
         self._events.append(SessionClosed(reason))
@@ -411,3 +422,32 @@ class Session:
             "remote": self.ice.selected,
             "close_reason": self.close_reason,
         }
+
+
+def _ice_agent(
+    role: str,
+    local_ufrag: str,
+    local_pwd: str,
+    remote_ufrag: str,
+    remote_pwd: str,
+    remote_addr: Addr | None,
+    cfg: SessionConfig,
+    now: float,
+) -> IceAgent:
+    """The ICE agent of an ICE role: "lite" answers checks, "controlling" sends them."""
+    if role == "lite":
+        return IceLite(local_ufrag, local_pwd, remote_ufrag, cfg.consent_timeout, now)
+    if role != "controlling":
+        raise ValueError(f"ice_role must be lite or controlling, not {role!r}")
+    if remote_addr is None:
+        raise ValueError("a controlling session needs remote_addr")
+    return IceController(
+        local_ufrag,
+        remote_ufrag,
+        remote_pwd,
+        remote_addr,
+        check_interval=cfg.check_interval,
+        consent_interval=cfg.consent_interval,
+        consent_timeout=cfg.consent_timeout,
+        now=now,
+    )

@@ -104,6 +104,7 @@ class _BridgedCall:
         self.deadline: asyncio.TimerHandle | None = None
         self.down_reason: str | None = None
         self.awaiting = False  # response.create sent, response.created not seen yet
+        self.cancel_created = False  # cancelled before its response.created arrived
 
     # The call's side --------------------------------------------------------------------------
     async def run(self) -> None:
@@ -128,6 +129,7 @@ class _BridgedCall:
             self.speaking = True
             self.pending = list(self.preroll)
             self.preroll.clear()
+            await self._drop_unplayed_response()
         elif isinstance(event, TurnEnded):
             self.speaking = False
             self.counters["turns"] += 1
@@ -154,6 +156,24 @@ class _BridgedCall:
             return
         self.awaiting = True
         self._arm(self.config.response_timeout, "response-timeout")
+
+    async def _drop_unplayed_response(self) -> None:
+        """The person went on speaking before the reply to their last turn played (the turn
+        had ended at a pause): that reply is stale; cancel it upstream."""
+        if self.ws is None or self.item_id is not None:
+            return  # nothing requested, or it is playing (the barge-in path handles that)
+        if self.awaiting or self.response_id is not None:
+            try:
+                await self._send(realtime.response_cancel(self.response_id))
+            except BackendFailure as exc:
+                self._fail(exc)
+                return
+            self.counters["stale_responses"] += 1
+            if self.response_id is not None:
+                self.cancelled.add(self.response_id)
+            self.cancel_created = self.awaiting  # its response.created is still to come
+            self.awaiting, self.response_id = False, None
+            self._disarm()
 
     async def _barge_in(self, event: Interrupted) -> None:
         self.counters["interruptions"] += 1
@@ -246,6 +266,10 @@ class _BridgedCall:
             raise BackendFailure(exc.reason, str(exc)) from None
         call = self.call
         if isinstance(event, realtime.ResponseCreated):
+            if self.cancel_created:
+                self.cancel_created = False
+                self.cancelled.add(event.response_id)
+                return
             self.awaiting = False
             self.response_id = event.response_id
             self.counters["responses"] += 1

@@ -11,7 +11,9 @@ The Session treats it like any `VoiceApp`; `moves_timer` tells the server that i
 can move this app's timer (a loss waiting in the jitter buffer), so it reschedules after media.
 Barge-in lives here, next to the queue it empties: when the endpointer hears the person start
 while an agent item is playing, the queued frames are dropped before the next one is due and
-`Interrupted` says how much of that item went out.
+`Interrupted` says how much of that item went out. A new item whose audio arrives while the
+person is speaking (a reply to a turn they have since gone on with) is refused the same way,
+with `sent_ms` 0: the person has the floor.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 
 from voicerelay.transceiver.apps import RtpSender
 from voicerelay.transceiver.rtp import RtpError, parse_rtp, plain_header_size
-from voicerelay.voice.endpoint import Endpointer
+from voicerelay.voice.endpoint import DEFAULT_HANGOVER_MS, Endpointer
 from voicerelay.voice.events import (
     AudioIn,
     CallEnded,
@@ -49,7 +51,7 @@ class AudioConfig:
     jitter_wait: float = 0.04  # how long a gap waits for a late packet before concealment
     vad_aggressiveness: int = 2  # webrtcvad 0 (lenient) .. 3 (strict)
     start_ms: int = 60  # voiced audio needed to call it speech (barge-in needs it too)
-    hangover_ms: int = 200  # silence after speech that ends a turn
+    hangover_ms: int = DEFAULT_HANGOVER_MS  # silence that ends a turn (decided <= 250 ms after)
     bitrate: int = 32000
     complexity: int = 1  # 50 us a frame (5: 141 us) for >= 200 calls a core; fine for speech
     resample_quality: str = "LQ"  # soxr: ~11 ms held back each way (MQ: ~21 ms), flat to 0.8 fs/2
@@ -79,6 +81,7 @@ class CallAudio:
         self._agent_frame = cfg.agent_rate // 50
         self._held = np.zeros(0, dtype=np.int16)  # resampled audio short of a whole frame
         self.playing: str | None = None  # the agent item being played (until done or cut)
+        self.refused: str | None = None  # an item that arrived while the person was speaking
         self.started = False
         self.ended = False
         self.counters = {"decode_errors": 0, "malformed_rtp": 0, "concealed": 0, "recovered": 0}
@@ -166,9 +169,13 @@ class CallAudio:
     # Outgoing audio ---------------------------------------------------------------------------
     def play(self, pcm: np.ndarray, item_id: str | None, now: float) -> None:
         """Queue agent audio (int16 at the agent's rate); it goes out one frame per 20 ms."""
-        if self.ended or not len(pcm):
+        if self.ended or not len(pcm) or item_id == self.refused:
             return
         if self.playing != item_id:
+            if self.endpointer.speaking:
+                self.refused = item_id
+                self._events.append(Interrupted(now, item_id, 0))
+                return
             self.playing = item_id
         self.pacer.enqueue(self.from_agent.process(pcm), item_id, now)
 

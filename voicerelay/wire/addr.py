@@ -10,7 +10,7 @@ import socket
 import struct
 from functools import lru_cache
 
-Addr = tuple[str, int]
+Addr = tuple[str, int]  # (canonical host, port): the one definition every module imports
 
 V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 CACHE_SIZE = 4096  # recent conversions: transceivers stay hot, client churn stays bounded

@@ -14,7 +14,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
-Addr = tuple[str, int]
+from voicerelay.wire.addr import Addr
 
 MAGIC_COOKIE = 0x2112A442
 HEADER_SIZE = 20

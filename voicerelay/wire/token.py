@@ -21,7 +21,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-Addr = tuple[str, int]
+from voicerelay.wire.addr import Addr
 
 FORMAT_VERSION = 1
 NONCE_SIZE = 12

@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 
-.PHONY: install install-system run test test-fast bench lint clean
+.PHONY: install install-system run test test-fast bench bench-setup lint clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,10 @@ CLI_UNIT   := tests/cli/test_options.py tests/cli/test_turns.py
 test-fast: $(VENV)/.test   ## unit tests only (no relay processes, no browser)
 	$(PY) -m pytest -q tests/wire tests/shm $(RELAY_UNIT) $(CLI_UNIT) tests/transceiver -m 'not browser'
 
-bench: install             ## benchmarks: print tables, write bench/results/*.json (BENCH_ARGS=--quick)
+bench-setup:               ## the peers the side-by-side benchmarks run against (Debian coturn)
+	bash bench/peers_setup.sh
+
+bench: install bench-setup ## benchmarks: print tables, write bench/results/*.json (BENCH_ARGS=--quick)
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 lint: $(VENV)/.test

@@ -64,7 +64,11 @@ def bench_stack(consent_timeout: float = 30.0) -> Iterator[Stack]:
     with (
         tempfile.TemporaryDirectory(prefix="voicerelay-bench-") as tmp,
         RelayProcess(Path(tmp), workers=1, extra=["--no-pin"]) as relay,
-        TransceiverProcess(relay, consent_timeout=consent_timeout) as transceiver,
+        TransceiverProcess(
+            relay,
+            consent_timeout=consent_timeout,
+            extra=["--session-rate", "0"],  # a load client places calls faster than people
+        ) as transceiver,
     ):
         status = relay.status()
         worker = status["workers"][0]["pid"]

@@ -21,10 +21,12 @@ import harness
 
 BENCHMARKS = (
     "relay_forwarding",
+    "peer_coturn",
     "relay_latency",
     "flowtable_scale",
     "transceiver_capacity",
     "session_setup",
+    "peer_aiortc",
     "recovery",
     "voice_latency",
     "agent_capacity",
@@ -61,6 +63,27 @@ HEADLINES: tuple[Headline, ...] = (
         "relay_forwarding",
         "max packets/s per worker, each way",
         lambda d: d.get("relay_max_pps_per_worker_each_way"),
+        "pps",
+        "",
+    ),
+    (
+        "peer_coturn",
+        "relay / coturn CPU per packet, worst rate from 10k/s",
+        lambda d: _get(d, "worst", "relay_over_coturn"),
+        "x",
+        "<= 0.9x",
+    ),
+    (
+        "peer_coturn",
+        "relay / C CPU per packet, worst rate from 10k/s",
+        lambda d: _get(d, "worst", "relay_over_c"),
+        "x",
+        "<= 1.15x",
+    ),
+    (
+        "peer_coturn",
+        "max packets/s each way at 0 loss: relay / coturn",
+        lambda d: _pair(d.get("max_pps_each_way"), "relay", "coturn"),
         "pps",
         "",
     ),
@@ -149,6 +172,27 @@ HEADLINES: tuple[Headline, ...] = (
         "<= 100 ms",
     ),
     (
+        "peer_aiortc",
+        "transceiver / aiortc calls a core (by CPU per call)",
+        lambda d: _get(d, "summary", "extrapolated_ratio"),
+        "x",
+        ">= 10x",
+    ),
+    (
+        "peer_aiortc",
+        "calls at < 0.1% loss, measured: transceiver / aiortc",
+        lambda d: _pair(_get(d, "summary"), "transceiver", "aiortc", "measured_calls"),
+        "calls",
+        "",
+    ),
+    (
+        "peer_aiortc",
+        "offer to first echoed audio p50: transceiver / aiortc",
+        lambda d: _pair(_get(d, "summary"), "transceiver", "aiortc", "setup_echo_p50_ms"),
+        "ms",
+        "",
+    ),
+    (
         "recovery",
         "worker kill -9: media gap max",
         lambda d: _scenario(d, "worker kill -9: its flows", "gap_max_ms"),
@@ -212,6 +256,23 @@ def _size_ratio(doc: dict[str, Any], key: str) -> float | None:
     if len(sizes) < 2 or not sizes[0].get(key):
         return None
     return sizes[-1][key] / sizes[0][key]
+
+
+def _pair(doc: Any, a: str, b: str, key: str | None = None) -> str | None:
+    """'A / B' of two peers' figures (`doc[a]`, or `doc[a][key]`), '-' for a missing one."""
+    if not isinstance(doc, dict):
+        return None
+    values = [_get(doc, name, key) if key else doc.get(name) for name in (a, b)]
+    if all(v is None for v in values):
+        return None
+    return " / ".join(_short(v) for v in values)
+
+
+def _short(value: Any) -> str:
+    """A figure for a pair: '-' if missing, whole above 100, one decimal below."""
+    if not isinstance(value, int | float):
+        return "-"
+    return f"{value:,.0f}" if isinstance(value, int) or value >= 100 else f"{value:.1f}"
 
 
 def _scenario(doc: dict[str, Any], name: str, key: str) -> Any:

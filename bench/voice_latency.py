@@ -71,7 +71,6 @@ from voicerelay.voice.events import (
 from voicerelay.voice.jitter import JitterBuffer
 from voicerelay.voice.opus import OpusDecoder, OpusEncoder
 from voicerelay.voice.pipeline import MEDIA_RATE, AudioConfig, CallAudio
-from voicerelay.voice.resample import Resampler
 
 ENDPOINTING_BUDGET_MS = 250.0
 OTHER_BUDGET_MS = 60.0
@@ -419,13 +418,19 @@ def jitter_holds(frames: int, lost: set[int], wait: float) -> tuple[list[float],
 
 
 # (a) Group delays --------------------------------------------------------------------------------
+def call_parts() -> CallAudio:
+    """A fresh call with the default `AudioConfig`: its encoder and resamplers are measured."""
+    return CallAudio(ssrc=1, payload_type=PT, config=AudioConfig())
+
+
 def opus_lookahead_ms() -> float:
-    """The Opus codec's algorithmic delay as the project configures it, measured: a noise burst
-    through `OpusEncoder` and `OpusDecoder`, and the lag of the best cross-correlation."""
+    """The Opus codec's algorithmic delay with the call's own encoder settings, measured: a noise
+    burst through the call's `OpusEncoder` and an `OpusDecoder`, and the lag of the best
+    cross-correlation."""
     rng = np.random.default_rng(1)
     pcm = np.zeros(FRAME * 50, np.int16)
     pcm[FRAME * 10 : FRAME * 30] = rng.normal(0, 6000, FRAME * 20).astype(np.int16)
-    encoder, decoder = OpusEncoder(MEDIA_RATE), OpusDecoder(MEDIA_RATE)
+    encoder, decoder = call_parts().encoder, OpusDecoder(MEDIA_RATE)
     out = np.concatenate(
         [decoder.decode(encoder.encode(pcm[i : i + FRAME])) for i in range(0, pcm.size, FRAME)]
     )
@@ -436,9 +441,9 @@ def opus_lookahead_ms() -> float:
 
 def first_frame_hold_ms(delta_ms: int) -> float:
     """How long after the reply's first delta arrives its first 20 ms frame can go out, when
-    deltas of `delta_ms` come in real time through the 24k -> 48k resampler: soxr's hold-back
-    costs the first frame nothing while a delta carries more than it holds."""
-    resampler = Resampler(AGENT_RATE, MEDIA_RATE)
+    deltas of `delta_ms` come in real time through the call's 24k -> 48k resampler: soxr's
+    hold-back costs the first frame nothing while a delta carries more than it holds."""
+    resampler = call_parts().from_agent
     chunk = np.full(AGENT_RATE * delta_ms // 1000, 1000, np.int16)
     out = 0
     for k in range(100):
@@ -449,9 +454,10 @@ def first_frame_hold_ms(delta_ms: int) -> float:
 
 
 def group_delays() -> dict[str, float]:
+    parts = call_parts()
     return {
-        "resample_48k_24k_ms": Resampler(MEDIA_RATE, AGENT_RATE).delay_ms,
-        "resample_24k_48k_ms": Resampler(AGENT_RATE, MEDIA_RATE).delay_ms,
+        "resample_48k_24k_ms": parts.to_agent.delay_ms,
+        "resample_24k_48k_ms": parts.from_agent.delay_ms,
         "first_frame_hold_100ms_deltas_ms": first_frame_hold_ms(100),
         "first_frame_hold_20ms_deltas_ms": first_frame_hold_ms(20),
         "opus_lookahead_ms": opus_lookahead_ms(),
@@ -872,7 +878,7 @@ def stage_notes(
         ),
         "VAD + endpointing": (
             f"turn decided {p50(ending):.0f} ms (max {max(ending):.0f}) after the last voiced "
-            f"frame: VAD tail {p50([r.vad_tail_ms for r in rows]):.0f} + hangover "
+            f"frame: VAD tail {p50([r.vad_tail_ms for r in rows]):.1f} + hangover "
             f"{p50([r.hangover_ms for r in rows]):.0f}"
         ),
         "resample 48k->24k": (
@@ -1039,11 +1045,12 @@ def barge_table(barges: list[BargeRow]) -> str:
 
 def summarize(
     rows: list[EndpointRow],
-    turns: list[TurnRow],
-    barges: list[BargeRow],
+    b: dict[str, Any],
     path: list[tuple[str, float]],
     delays: dict[str, float],
 ) -> dict[str, Any]:
+    """The figures against the budgets; `b` is what `on_loopback` returned."""
+    turns, barges = b["turns"], b["barges"]
     a_ending = [r.endpointing_ms for r in rows]
     b_ending = [t.endpointing_ms for t in turns]
     b_rest = [t.ours_ms - t.endpointing_ms + delays["opus_lookahead_ms"] for t in turns]
@@ -1068,26 +1075,31 @@ def summarize(
         "barge_in_decision_ms_p50": p50([b.decision_ms for b in barges]),
         "barge_in_decision_ms_max": max(b.decision_ms for b in barges),
         "barge_ins": len(barges),
+        "missed_barge_ins": b["missed_barges"],
+        "turns": len(turns),
+        "missed_turns": b["missed_turns"],
     }
 
 
 def summary_table(s: dict[str, Any]) -> str:
-    def met(value: float, budget: float) -> str:
-        return f"{value / budget:.2f}x budget, {'yes' if value <= budget else 'NO'}"
+    def met(p50_ms: float, max_ms: float, budget: float) -> str:
+        verdict = "yes" if max_ms <= budget else "p50 only" if p50_ms <= budget else "NO"
+        return f"p50 {p50_ms / budget:.2f}x, max {max_ms / budget:.2f}x budget: {verdict}"
 
     rows = [
         [
             f"endpointing <= {s['endpointing_budget_ms']:.0f} ms after speech ends",
             f"(a) p50 {s['endpointing_ms_a_p50']:.0f} / max {s['endpointing_ms_a_max']:.0f}; "
             f"(b) p50 {s['endpointing_ms_b_p50']:.0f} / max {s['endpointing_ms_b_max']:.0f} "
-            f"(hangover {s['hangover_ms']} + VAD tail {s['vad_tail_ms_p50']:.0f})",
-            met(s["endpointing_ms_b_max"], s["endpointing_budget_ms"]),
+            f"over {s['turns']} turns ({s['missed_turns']} not timed); hangover "
+            f"{s['hangover_ms']} + VAD tail {s['vad_tail_ms_p50']:.1f}",
+            met(s["endpointing_ms_b_p50"], s["endpointing_ms_b_max"], s["endpointing_budget_ms"]),
         ],
         [
             f"everything else <= {s['other_budget_ms']:.0f} ms (with Opus look-ahead)",
             f"(a) sum {s['other_ms_a_sum']:.1f}; (b) p50 {s['other_ms_b_p50']:.1f} / max "
             f"{s['other_ms_b_max']:.1f}",
-            met(s["other_ms_b_max"], s["other_budget_ms"]),
+            met(s["other_ms_b_p50"], s["other_ms_b_max"], s["other_budget_ms"]),
         ],
         [
             "(b) ~= endpointing + sum of (a)",
@@ -1099,9 +1111,9 @@ def summary_table(s: dict[str, Any]) -> str:
             f"barge-in <= {s['barge_in_budget_ms']:.0f} ms (first speech frame -> last agent "
             "packet)",
             f"p50 {s['barge_in_ms_p50']:.1f} / max {s['barge_in_ms_max']:.1f} over "
-            f"{s['barge_ins']}; transceiver decision p50 {s['barge_in_decision_ms_p50']:.1f} / "
+            f"{s['barge_ins']} ({s['missed_barge_ins']} not timed); transceiver decision p50 {s['barge_in_decision_ms_p50']:.1f} / "
             f"max {s['barge_in_decision_ms_max']:.1f}",
-            met(s["barge_in_ms_max"], s["barge_in_budget_ms"]),
+            met(s["barge_in_ms_p50"], s["barge_in_ms_max"], s["barge_in_budget_ms"]),
         ],
     ]
     return harness.table("Voice latency against the budgets", ["budget", "measured ms", ""], rows)
@@ -1197,7 +1209,7 @@ def main() -> None:
     a = in_process(args)
     b = uvloop.run(on_loopback(args))
     path = critical_path(a["samples"])
-    summary = summarize(a["rows"], b["turns"], b["barges"], path, a["delays"])
+    summary = summarize(a["rows"], b, path, a["delays"])
     notes = stage_notes(a["rows"], a["holds"], a["delays"])
     figures = {
         "quick": args.quick,
@@ -1214,7 +1226,6 @@ def main() -> None:
         "critical_path_ms": dict(path),
         "turns_b": [asdict(t) for t in b["turns"]],
         "barge_ins": [asdict(x) for x in b["barges"]],
-        "missed": {"turns": b["missed_turns"], "barge_ins": b["missed_barges"]},
         "seconds": time.monotonic() - started,
     }
     tables = [

@@ -24,9 +24,10 @@ from voicerelay.wire.token import write_new_secret
 class UpStack:
     """`relayctl up` on free ports; `app` is "echo" (the default here) or "agent"."""
 
-    def __init__(self, state_dir: Path, app: str = "echo") -> None:
+    def __init__(self, state_dir: Path, app: str = "echo", extra: list[str] | None = None) -> None:
         self.state_dir = state_dir
         self.app = app
+        self.extra = list(extra or [])  # more `relayctl up` options
         self.agent_port = free_ports(1, socket.SOCK_STREAM)
         self.public_port = free_ports(1)
         self.internal_base = free_ports(2)
@@ -58,6 +59,7 @@ class UpStack:
                     self.app,
                     "--agent-port",
                     str(self.agent_port),
+                    *self.extra,
                 ],
                 env=env,
                 stdout=out,

@@ -127,3 +127,44 @@ def test_a_served_socket_answers_one_request_per_connection(tmp_path):
     assert known == {"ok": True}
     assert unknown == {"ok": False, "error": "unknown op 'nope'"}
     assert mode == 0o600
+
+
+def test_a_second_server_never_replaces_a_live_socket(tmp_path):
+    """Binding over an existing socket file fails (asyncio's own unix server would unlink it,
+    cutting `relayctl` off from the launcher that owns it)."""
+    config = RelayConfig(listen_port=40002, state_dir=tmp_path, workers=1)
+
+    async def go() -> tuple[type, dict]:
+        first = await control.serve(config.control_socket, {"status": lambda: {"ok": 1}})
+        try:
+            try:
+                await control.serve(config.control_socket, {"status": lambda: {"ok": 2}})
+            except OSError as exc:
+                refused: type = type(exc)
+            else:
+                refused = type(None)
+            loop = asyncio.get_running_loop()
+            reply = await loop.run_in_executor(None, control.request, config, "status")
+        finally:
+            first.close()
+        return refused, reply
+
+    refused, reply = asyncio.run(go())
+    assert issubclass(refused, OSError)
+    assert reply == {"ok": 1}  # still the first server's socket
+
+
+def test_the_socket_is_private_whatever_the_callers_umask_and_leaves_it_as_it_was(tmp_path):
+    import os
+
+    path = tmp_path / "c.sock"
+    old = os.umask(0)  # the most permissive caller
+    try:
+        sock = control.bind_private(path)
+    finally:
+        os.umask(old)
+    try:
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert os.umask(old) == old  # the caller's umask is back
+    finally:
+        sock.close()

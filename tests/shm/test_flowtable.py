@@ -9,7 +9,7 @@ import time
 import uuid
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -61,11 +61,24 @@ class FlowTableMachine(RuleBasedStateMachine):
         assert self.writer.remove(client) == (client in self.model)
         self.model.pop(client, None)
 
-    @rule(idle=st.floats(0, 10))
-    def expire(self, idle):
+    @rule(client=clients)
+    def evict(self, client):
+        flow = self.model.get(client)
+        unanswered = flow is not None and flow["out"] == 0
+        assert self.writer.evict(client) == unanswered
+        if unanswered:
+            del self.model[client]
+
+    @rule(idle=st.floats(0, 10), unanswered=st.none() | st.floats(0, 10))
+    def expire(self, idle, unanswered):
         self.now += 1
-        removed = set(self.writer.expire(self.now, idle))
-        expected = {c for c, f in self.model.items() if self.now - f["last_seen"] > idle}
+        removed = set(self.writer.expire(self.now, idle, unanswered_after=unanswered))
+        expected = {
+            c
+            for c, f in self.model.items()
+            if self.now - f["last_seen"] > idle
+            or (unanswered is not None and f["out"] == 0 and self.now - f["last_seen"] > unanswered)
+        }
         assert removed == expected
         for client in expected:
             del self.model[client]
@@ -91,16 +104,78 @@ TestFlowTableMachine = FlowTableMachine.TestCase
 TestFlowTableMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 
 
+def test_every_attaching_worker_changes_the_generation():
+    table = FlowTable.create(unique_name(), 2, 16)
+    try:
+        other = FlowTable.attach(table.name)
+        seen = {table.generation}
+        for _ in range(300):  # a byte: it wraps, and still changes every time
+            before = other.generation
+            assert table.bump_generation() != before
+            seen.add(other.generation)
+        assert len(seen) == 256
+        assert table.count() == 0  # the header byte is not a slot
+        other.close()
+    finally:
+        table.close()
+        table.unlink()
+
+
+tags = st.binary(min_size=8, max_size=8).filter(any)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.sampled_from(range(8))), max_size=60), st.data())
+def test_token_marks_read_back_the_latest_time_of_any_worker(marks, data):
+    """With no more tokens than a probe path holds, every mark is kept: readers see, per token,
+    the latest time any shard's writer marked it."""
+    names = data.draw(st.lists(tags, min_size=8, max_size=8, unique=True))
+    table = FlowTable.create(unique_name(), 3, 64)
+    try:
+        writers = [table.shard(i) for i in range(3)]
+        latest: dict[bytes, float] = {}
+        for when, (shard, n) in enumerate(marks):
+            writers[shard].mark_token(names[n], float(when))
+            latest[names[n]] = float(when)
+        for tag in names:
+            assert table.token_marked(tag) == latest.get(tag)
+        assert table.count() == 0  # marks are not flows
+    finally:
+        table.close()
+        table.unlink()
+
+
+@given(st.lists(tags, min_size=1, max_size=200, unique=True))
+def test_token_marks_are_bounded_and_keep_the_newest(names):
+    table = FlowTable.create(unique_name(), 1, 16)
+    try:
+        writer = table.shard(0)
+        for when, tag in enumerate(names):
+            writer.mark_token(tag, float(when))
+            assert table.token_marked(tag) == float(when)  # the newest is always there
+        stored = [
+            bytes(table.buf[table.mark_offset(0, i) : table.mark_offset(0, i) + 8])
+            for i in range(16)
+        ]
+        kept = [t for t in stored if any(t)]
+        assert len(kept) == len(set(kept)) <= 16
+        assert os.stat(f"/dev/shm/{table.name}").st_size == 64 + 16 * (64 + 16)
+    finally:
+        table.close()
+        table.unlink()
+
+
 def test_slots_are_64_bytes_and_the_segment_is_flat():
     """A full shard of the widest records (IPv6 both ends, top counters) reads back exactly,
     stays inside its 64-byte slots (the next shard stays zero), and the segment is one flat
-    block of header + shards x capacity x 64 bytes, whatever is stored."""
+    block of header + shards x capacity x 64 bytes (+ 16 bytes of token mark each), whatever
+    is stored."""
     shards, capacity = 2, 16
     name = unique_name()
     table = FlowTable.create(name, shards, capacity)
     try:
         size = os.stat(f"/dev/shm/{name}").st_size
-        assert size == 64 + shards * capacity * 64
+        assert size == 64 + shards * capacity * (64 + 16)
         assert table.slot_offset(0, 1) - table.slot_offset(0, 0) == 64
         writer = table.shard(0)
         top = 2**32 - 1

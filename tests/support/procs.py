@@ -148,7 +148,9 @@ class RelayProcess:
             self.stop()
         for proc in psutil.process_iter(["cmdline"]):
             cmd = " ".join(proc.info["cmdline"] or [])
-            if "voicerelay.relay.launcher" in cmd and f'"listen_port": {self.port}' in cmd:
+            launched = "voicerelay.relay.launcher" in cmd and f'"listen_port": {self.port}' in cmd
+            started = "voicerelay.cli.main" in cmd and f":{self.port}" in cmd and " start" in cmd
+            if launched or started:  # a launcher run as `-m ...launcher` or forked by `start`
                 with contextlib.suppress(psutil.Error):
                     proc.kill()
         for name in self.shm_names:
@@ -177,8 +179,15 @@ def _alive(pid: int) -> bool:
 class TransceiverProcess:
     """A real transceiver (`relayctl transceiver`) sharing a relay's secret."""
 
-    def __init__(self, relay: RelayProcess, *, consent_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        relay: RelayProcess,
+        *,
+        consent_timeout: float = 30.0,
+        extra: list[str] | None = None,
+    ) -> None:
         self.relay = relay
+        self.extra = list(extra or [])  # more `relayctl transceiver` options
         self.internal_port = free_ports(1)
         self.http_port = free_ports(1, socket.SOCK_STREAM)
         self.consent_timeout = consent_timeout
@@ -211,6 +220,7 @@ class TransceiverProcess:
                     str(self.relay.secret_file),
                     "--consent-timeout",
                     str(self.consent_timeout),
+                    *self.extra,
                 ],
                 env=self.relay.env,
                 stdout=logf,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from voicerelay.transceiver import sdp
@@ -96,6 +97,120 @@ def test_bad_offers_say_what_is_wrong(mutate, message):
 def test_parse_offer_raises_only_sdp_error(text):
     with contextlib.suppress(sdp.SdpError):
         sdp.parse_offer(text)
+
+
+# Offers are bounded: the answer stays small and cheap (issue 11) --------------------------------
+MAX_ANSWER = 8192  # bytes: what any accepted offer's answer stays under
+ANSWER_ARGS = {
+    "ice_ufrag": "T" * 80,  # about a routing token's length
+    "ice_pwd": "p" * 24,
+    "fingerprint": "sha-256 " + ":".join(["AB"] * 32),
+    "dtls_role": "server",
+    "candidate": ("2001:db8::1", 3478),
+    "ssrc": 4294967295,
+    "cname": "voicerelay-0123abcd",
+}
+
+
+def test_an_offer_of_many_minimal_m_lines_is_refused_in_one_line():
+    with pytest.raises(sdp.SdpError, match="more than 16 m-lines") as refused:
+        sdp.parse_offer(CHROME_OFFER + "m=video 9 X 0\r\n" * 16)
+    assert "\n" not in str(refused.value)
+    assert sdp.parse_offer(CHROME_OFFER + "m=video 9 X 0\r\n" * 15).rejected[14].kind == "video"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda s: s.replace("m=audio 9", "m=audio " + "9" * 5000), "malformed m-line"),
+        (lambda s: s.replace("a=ssrc:3735928559", "a=ssrc:" + "3" * 5000), None),
+        (
+            lambda s: s.replace("111 63", "1" * 5000 + " 63").replace(
+                "rtpmap:111", "rtpmap:" + "1" * 5000
+            ),
+            "Opus",
+        ),
+        (lambda s: s.replace("m=audio 9", "m=audio \u00b2"), "malformed m-line"),
+        (lambda s: s.replace("a=mid:0", "a=mid:" + "m" * 33), "a=mid"),
+        (lambda s: s + "m=" + "v" * 40 + " 9 UDP/DTLS/SCTP x\r\n", "unknown media"),
+        (lambda s: s + "m=application 9 UDP/DTLS/SCTP " + "w" * 40 + "\r\n", "format"),
+        (lambda s: s.replace("useinbandfec=1", "x" * 300), "fmtp"),
+        (lambda s: s + "a=x\n" * 1100, "more than 1024 lines"),
+    ],
+)
+def test_long_or_odd_fields_are_refused_or_ignored_never_a_crash(mutate, message):
+    if message is None:
+        assert sdp.parse_offer(mutate(CHROME_OFFER)).ssrc is None  # an unusable ssrc: ignored
+        return
+    with pytest.raises(sdp.SdpError, match=message):
+        sdp.parse_offer(mutate(CHROME_OFFER))
+
+
+def _field(first: int) -> st.SearchStrategy[str]:
+    """Text of any length from 1 to 600, lengths uniformly drawn (long ones are common)."""
+    chars = st.characters(min_codepoint=first, max_codepoint=0x2FF)
+    return st.integers(1, 600).flatmap(lambda n: st.text(chars, min_size=n, max_size=n))
+
+
+FIELD = _field(33)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(FIELD, FIELD, FIELD, st.none() | FIELD), max_size=24),
+    st.none() | FIELD,
+    st.none() | _field(32),
+)
+def test_any_accepted_offer_gets_a_small_answer(sections, mid, fmtp):
+    """Extra m-lines with arbitrary kinds, protocols, formats and mids, an arbitrary mid and
+    Opus fmtp: parse_offer raises only SdpError, and what it accepts is answered in < 8 KB
+    with no line longer than an Opus fmtp may make it."""
+    offer = CHROME_OFFER
+    if mid is not None:
+        offer = offer.replace("a=mid:0", f"a=mid:{mid}")
+    if fmtp is not None:
+        offer = offer.replace("minptime=10;useinbandfec=1", fmtp)
+    for kind, proto, fmt, section_mid in sections:
+        offer += f"m={kind} 9 {proto} {fmt}\r\n" + (
+            f"a=mid:{section_mid}\r\n" if section_mid else ""
+        )
+    try:
+        parsed = sdp.parse_offer(offer)
+    except sdp.SdpError as exc:
+        assert "\n" not in str(exc)
+        return
+    answer = sdp.build_answer(parsed, **ANSWER_ARGS)
+    assert len(answer) < MAX_ANSWER
+    assert max(len(line) for line in answer.splitlines()) <= 300
+
+
+def worst_accepted_offer() -> str:
+    """As costly as an accepted offer gets: MAX_OFFER bytes in MAX_LINES lines, MAX_SECTIONS
+    m-lines whose echoed fields are as long as allowed, the audio section full of attributes
+    that every lookup walks past."""
+    head = CHROME_OFFER.replace("\n", "\r\n")
+    others = "".join(
+        f"m={'v' * 32} 9 {'P' * 32} {'f' * 32}\r\na=mid:{'m' * 31}{i:x}\r\n"
+        for i in range(sdp.MAX_SECTIONS - 1)
+    )
+    lines = sdp.MAX_LINES - 1 - head.count("\n") - others.count("\n")
+    per_line, spare = divmod(sdp.MAX_OFFER - len(head) - len(others), lines)
+    filler = "a=ssrc:" + "x" * spare + ("x" * (per_line - 9) + "\r\na=ssrc:") * lines
+    filler = filler.removesuffix("a=ssrc:")
+    return head.replace("a=ssrc:3735928559", filler + "a=ssrc:3735928559") + others
+
+
+def test_the_worst_accepted_offer_is_answered_in_about_a_millisecond():
+    offer = worst_accepted_offer()
+    assert sdp.MAX_OFFER - 64 < len(offer.encode()) <= sdp.MAX_OFFER
+    assert offer.count("\n") == sdp.MAX_LINES - 1
+    times = []
+    for _ in range(20):
+        started = time.perf_counter()
+        answer = sdp.build_answer(sdp.parse_offer(offer), **ANSWER_ARGS)
+        times.append(time.perf_counter() - started)
+    assert answer.count("m=") == sdp.MAX_SECTIONS and len(answer) < MAX_ANSWER
+    assert min(times) < 0.002, f"{min(times) * 1000:.2f} ms"  # ~0.3 ms on the dev machine
 
 
 @given(

@@ -16,10 +16,10 @@ from voicerelay.transceiver.config import TransceiverConfig
 from voicerelay.transceiver.rtp import RtpPacket, parse_rtp
 from voicerelay.transceiver.server import TransceiverServer
 from voicerelay.transceiver.session import SECURE, RtpReceived, Session
-from voicerelay.wire import envelope
+from voicerelay.wire import envelope, stun
 from voicerelay.wire.token import TokenKeys
 
-RELAY_A, RELAY_B = ("10.0.0.1", 40001), ("10.0.0.2", 40002)
+RELAY_A, RELAY_B = ("127.0.0.1", 40001), ("127.0.0.2", 40002)  # inside the default --relays
 
 
 class RecordingTransport:
@@ -79,6 +79,8 @@ class Caller:
             ssrc=port,
         )
         self.relay_public = answer.candidate  # where the client believes the server is
+        self.answer = answer
+        self.ufrag = f"u{port}"
         self.echoes: list[RtpPacket] = []
         self.replies: list[tuple[bytes, tuple]] = []  # envelopes for us, as sent
 
@@ -104,6 +106,21 @@ class Caller:
             self.echoes += [
                 parse_rtp(e.packet) for e in self.session.events() if isinstance(e, RtpReceived)
             ]
+
+    def check(self) -> None:
+        """A fresh consent check from the caller's current address (what a client that moved
+        sends next), answered through `pump`."""
+        data = stun.build(
+            stun.BINDING_REQUEST,
+            os.urandom(12),
+            [
+                (stun.ATTR_USERNAME, f"{self.answer.ice_ufrag}:{self.ufrag}".encode()),
+                (stun.ATTR_USE_CANDIDATE, b""),
+            ],
+            integrity_key=self.answer.ice_pwd.encode(),
+        )
+        self.server.datagram_received(envelope.pack(self.addr, data), self.relay)
+        self.pump()
 
     def talk(self, count: int, first: int = 0) -> None:
         for i in range(first, first + count):

@@ -237,3 +237,17 @@ def test_a_call_under_any_loss_moves_through_the_table_only(losses, close_at):
     for history in histories.values():
         assert [ORDER.index(s) for s in history] == sorted(ORDER.index(s) for s in history)
     assert pair.client.state == CLOSED  # closed is final: nothing reopens it
+
+
+@settings(max_examples=25, deadline=None)
+@given(losses=st.lists(st.booleans(), max_size=60), window=st.sampled_from([0.3, 0.6, 1.0]))
+def test_by_the_connect_deadline_a_call_is_secure_or_closed_as_never_connected(losses, window):
+    pair = Pair(SessionConfig(connect_timeout=window))
+    dropped = iter(losses)
+    pair.drop = lambda data, to_server: next(dropped, False)
+    pair.run_until(lambda: not pair.now < window + 0.02, seconds=window + 0.1)
+    for session in (pair.client, pair.server):
+        assert session.state in (SECURE, CLOSED)
+        if session.state == CLOSED:
+            assert session.close_reason in ("never-connected", "peer-closed")
+    assert pair.server.state == SECURE or pair.server.close_reason == "never-connected"

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from voicerelay.wire import envelope
 from voicerelay.wire.addr import canonical
-from voicerelay.wire.demux import PacketKind, classify, is_rtcp
+from voicerelay.wire.demux import IS_DTLS, IS_RTP, IS_STUN, PacketKind, classify, is_rtcp
 
 addresses = st.tuples(
     st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).map(str), st.integers(0, 65535)
@@ -57,6 +57,22 @@ def test_classify_follows_rfc7983(data):
         assert kind is PacketKind.RTP
     else:
         assert kind is PacketKind.UNKNOWN
+
+
+@given(st.binary(min_size=1, max_size=4))
+def test_the_hot_path_tables_agree_with_classify(data):
+    kind = classify(data)
+    first = data[0]
+    assert IS_STUN[first] == (kind is PacketKind.STUN)
+    assert IS_DTLS[first] == (kind is PacketKind.DTLS)
+    assert IS_RTP[first] == (kind is PacketKind.RTP)
+
+
+@given(st.binary(max_size=4))
+def test_rtcp_is_rtp_with_an_rtcp_payload_type(data):
+    assert is_rtcp(data) == (
+        len(data) >= 2 and 128 <= data[0] <= 191 and 192 <= data[1] <= 223  # RFC 5761 by hand
+    )
 
 
 def test_rtcp_is_told_from_rtp_by_payload_type():

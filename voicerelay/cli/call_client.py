@@ -543,6 +543,11 @@ def _on_remote_audio(
         asyncio.ensure_future(pump())
 
 
+def bearer(token: str | None) -> dict[str, str]:
+    """The Authorization header for a client token or API key (none without one)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 async def _signal(pc: Any, http: aiohttp.ClientSession, url: str, report: _Signaled) -> float:
     """Post our offer (WHIP) and apply the answer; returns when the offer was posted
     (monotonic). Raises `_CallFailed` if signaling refuses."""
@@ -556,12 +561,21 @@ async def _signal(pc: Any, http: aiohttp.ClientSession, url: str, report: _Signa
         data=pc.localDescription.sdp,
         headers={"Content-Type": "application/sdp"},
     ) as resp:
-        body = await resp.text()
+        body = await resp.text(errors="replace")
         if resp.status != 201:
             raise _CallFailed(f"signaling answered {resp.status}: {body.strip()}")
-        report.session_url = str(resp.url.join(aiohttp.client.URL(resp.headers["Location"])))
+        location = resp.headers.get("Location")
+        if not location:
+            raise _CallFailed("signaling answered 201 without a Location header")
+        report.session_url = str(resp.url.join(aiohttp.client.URL(location)))
         report.answer_sdp = body
-    await pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+    except Exception as exc:  # aiortc raises ValueError, AssertionError, ... on a bad answer
+        raise _CallFailed(
+            "signaling answered 201 but the body is not an SDP answer: "
+            f"{exc or type(exc).__name__} (body starts {body[:40]!r})"
+        ) from None
     return posted
 
 
@@ -604,6 +618,7 @@ async def place_call(
     timeout: float = 10.0,
     *,
     audio_started: asyncio.Future[CallReport] | None = None,
+    token: str | None = None,
 ) -> CallReport:
     """One call against the signaling at `url`; never raises for call failures.
 
@@ -625,7 +640,7 @@ async def place_call(
 
     _on_remote_audio(pc, on_frame, [])
     try:
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=bearer(token)) as http:
             posted = await _signal(pc, http, url, report)
             try:
                 arrived = await asyncio.wait_for(first_audio, timeout)
@@ -672,6 +687,7 @@ async def place_voice_call(
     timeout: float = 10.0,
     quiet_s: float = 1.5,
     lead_in_s: float = 0.5,
+    token: str | None = None,
 ) -> VoiceCallReport:
     """Play `play` (48 kHz mono int16) as the microphone after `lead_in_s` of silence, then
     silence, and listen as `ListenPlan` says; never raises for call failures.
@@ -702,7 +718,7 @@ async def place_voice_call(
 
     _on_remote_audio(pc, on_frame, errors)
     try:
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=bearer(token)) as http:
             await _converse(pc, http, url, track, timeline, plan, log, report)
     except _CallFailed as exc:
         report.error = str(exc)

@@ -40,6 +40,12 @@ DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_HTTP_PORT}"
 @click.option(
     "--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for audio."
 )
+@click.option(
+    "--token",
+    envvar="VOICERELAY_TOKEN",
+    default=None,
+    help="A client token (`relayctl token`) or the API key, when signaling requires one.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 def call(
     url: str,
@@ -48,6 +54,7 @@ def call(
     record: Path | None,
     seconds: float | None,
     timeout: float,
+    token: str | None,
     as_json: bool,
 ) -> None:
     """Place one call with a real WebRTC client: check the tone comes back, or play a WAV and
@@ -74,7 +81,9 @@ def call(
     if record is not None and not record.parent.is_dir():
         raise click.BadParameter(f"directory {record.parent} does not exist", param_hint="--record")
     if play is None:
-        report = asyncio.run(place_call(url, tone, 2.0 if seconds is None else seconds, timeout))
+        report = asyncio.run(
+            place_call(url, tone, 2.0 if seconds is None else seconds, timeout, token=token)
+        )
         if as_json:
             click.echo(
                 json.dumps({**dataclasses.asdict(report), "tone_came_back": report.tone_came_back})
@@ -92,7 +101,12 @@ def call(
         raise click.BadParameter(f"{play}: {exc}", param_hint="--play") from None
     voice = asyncio.run(
         place_voice_call(
-            url, audio, record, listen_s=15.0 if seconds is None else seconds, timeout=timeout
+            url,
+            audio,
+            record,
+            listen_s=15.0 if seconds is None else seconds,
+            timeout=timeout,
+            token=token,
         )
     )
     click.echo(json.dumps(voice.to_json()) if as_json else describe_call(voice))

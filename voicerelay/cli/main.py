@@ -9,7 +9,14 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from voicerelay.cli import agent_cmds, call_cmds, relay_cmds, stack_cmds, transceiver_cmds
+from voicerelay.cli import (
+    agent_cmds,
+    call_cmds,
+    relay_cmds,
+    stack_cmds,
+    token_cmds,
+    transceiver_cmds,
+)
 from voicerelay.config import ConfigError
 
 
@@ -61,7 +68,7 @@ def _name_env_sources(command: click.Command) -> None:
     command.callback = wrapped
 
 
-for _module in (relay_cmds, transceiver_cmds, call_cmds, stack_cmds, agent_cmds):
+for _module in (relay_cmds, transceiver_cmds, call_cmds, stack_cmds, agent_cmds, token_cmds):
     for _command in _module.commands:
         _name_env_sources(_command)
         cli.add_command(_command)

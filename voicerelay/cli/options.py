@@ -65,7 +65,7 @@ def check_port(port: int, what: str, min_port: int = 1) -> int:
 def usable_state_dir(path: Path) -> Path:
     """Create the state directory if needed; a one-line ConfigError if it cannot be used."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds the secret
     except OSError as exc:
         raise ConfigError(
             f"--state-dir {path} cannot be used ({exc.strerror}): choose a writable directory"
@@ -141,4 +141,35 @@ def consent_timeout_option(*, from_env: bool) -> Decorator:
         show_default=True,
         help="Seconds without a consent check before a call ends (RFC 7675: 30; "
         "browsers check every ~5 s, so stay well above that).",
+    )
+
+
+def api_key_option(
+    help: str = "Signaling's API key (Authorization: Bearer; it also mints client tokens). "
+    "Giving one turns authentication on; beyond loopback it is always on, and without a key "
+    "the transceiver keeps one in <state-dir>/api.key.",
+) -> Decorator:
+    """`--api-key` (VOICERELAY_API_KEY): signaling's API key (docs/SIGNALING.md)."""
+    return click.option("--api-key", envvar="VOICERELAY_API_KEY", default=None, help=help)
+
+
+def signaling_auth_options() -> Decorator:
+    """`--api-key`, `--require-auth` and `--cors-origin`: who may call signaling."""
+    return options(
+        api_key_option(),
+        click.option(
+            "--require-auth",
+            envvar="VOICERELAY_REQUIRE_AUTH",
+            is_flag=True,
+            default=False,
+            help="Authenticate signaling on loopback too (beyond loopback it always is).",
+        ),
+        click.option(
+            "--cors-origin",
+            "cors_origins",
+            envvar="VOICERELAY_CORS_ORIGIN",
+            multiple=True,
+            help="An origin whose pages may call signaling (https://app.example.com); repeat "
+            "it or separate with commas. Default: none (same-origin pages only).",
+        ),
     )

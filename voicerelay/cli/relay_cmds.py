@@ -26,7 +26,7 @@ from voicerelay.config import (
     DEFAULT_PUBLIC_PORT,
     default_state_dir,
 )
-from voicerelay.relay.config import RelayConfig
+from voicerelay.relay.config import DEFAULT_TRANSCEIVER_NETWORKS, RelayConfig
 
 # The options of every relay verb (to find the launcher, or configure it).
 relay_options = options(
@@ -64,7 +64,57 @@ start_options = options(
         type=float,
         default=30.0,
         show_default=True,
-        help="Seconds before a silent flow is dropped.",
+        help="Seconds before a flow whose transceiver went silent is dropped.",
+    ),
+    click.option(
+        "--token-window",
+        envvar="VOICERELAY_TOKEN_WINDOW",
+        type=float,
+        default=RelayConfig.token_window,
+        show_default=True,
+        help="Seconds after issue within which a routing token may open its first flow "
+        "(relay and transceiver clocks must agree this closely).",
+    ),
+    click.option(
+        "--token-clients",
+        envvar="VOICERELAY_TOKEN_CLIENTS",
+        type=int,
+        default=RelayConfig.token_clients,
+        show_default=True,
+        help="Client addresses one routing token may open flows for (per worker).",
+    ),
+    click.option(
+        "--new-flow-rate",
+        envvar="VOICERELAY_NEW_FLOW_RATE",
+        type=float,
+        default=RelayConfig.new_flow_rate,
+        show_default=True,
+        help="New flows a second per source prefix (/24, /64) and worker; 0: no limit.",
+    ),
+    click.option(
+        "--new-flow-burst",
+        envvar="VOICERELAY_NEW_FLOW_BURST",
+        type=int,
+        default=RelayConfig.new_flow_burst,
+        show_default=True,
+        help="New flows a source prefix may open at once before --new-flow-rate applies.",
+    ),
+    click.option(
+        "--rebind-after",
+        envvar="VOICERELAY_REBIND_AFTER",
+        type=float,
+        default=RelayConfig.rebind_after,
+        show_default=True,
+        help="Seconds a flow's return traffic must be silent before a new token moves it "
+        "to another transceiver.",
+    ),
+    click.option(
+        "--unanswered-timeout",
+        envvar="VOICERELAY_UNANSWERED_TIMEOUT",
+        type=float,
+        default=RelayConfig.unanswered_timeout,
+        show_default=True,
+        help="Seconds a flow that never carried return traffic lives, whatever its client sends.",
     ),
     secret_file_option("[default: <state-dir>/secret.key, created if missing]"),
     click.option(
@@ -83,6 +133,14 @@ start_options = options(
         help="Seconds between flow-table snapshots.",
     ),
     cluster_id_option(),
+    click.option(
+        "--transceiver-networks",
+        envvar="VOICERELAY_TRANSCEIVER_NETWORKS",
+        default=",".join(DEFAULT_TRANSCEIVER_NETWORKS),
+        show_default=True,
+        help="CIDR networks (comma-separated) transceivers live in: a restored flow naming "
+        "a transceiver elsewhere refuses the snapshot.",
+    ),
     click.option(
         "--no-pin",
         is_flag=True,
@@ -182,8 +240,20 @@ def status(listen: str, state_dir: Path | None, as_json: bool) -> None:
     for w in reply["workers"]:
         click.echo(
             f"  worker {w['index']}: pid {w['pid']} {'alive' if w['alive'] else 'DOWN'}, "
-            f"restarts {w['restarts']}, internal {w['internal']}"
+            f"restarts {w['restarts']}, internal {w['internal']}" + _worker_trouble(w)
         )
+
+
+def _worker_trouble(worker: dict[str, Any]) -> str:
+    """What `status` adds for a worker that is backing off, or that exited before."""
+    if worker.get("state") == "backoff":
+        return (
+            f"; backing off, next start in {worker['retry_in']:.1f} s "
+            f"({worker['early_exits']} early exits in a row): {worker['last_exit']}"
+        )
+    if worker.get("last_exit"):
+        return f"; last exit: {worker['last_exit']}"
+    return ""
 
 
 def format_stats(reply: dict[str, Any]) -> str:
@@ -203,6 +273,9 @@ def format_stats(reply: dict[str, Any]) -> str:
             f"{w['index']!s:>6} {w['pid']!s:>7} {c['packets_in']:>10} {c['bytes_in']:>12} "
             f"{c['packets_out']:>10} {c['bytes_out']:>12} {c['flows']:>7}  {drops}"
         )
+    refused = (reply.get("restore") or {}).get("refused")
+    if refused:
+        lines.append(f"restore: refused at start, started empty: {refused}")
     snap = reply.get("snapshot") or {}
     if snap:
         last_ok = snap.get("last_ok")

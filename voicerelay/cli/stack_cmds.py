@@ -14,7 +14,12 @@ from pathlib import Path
 
 import click
 
-from voicerelay.cli.options import consent_timeout_option, state_dir_option, workers_option
+from voicerelay.cli.options import (
+    consent_timeout_option,
+    signaling_auth_options,
+    state_dir_option,
+    workers_option,
+)
 from voicerelay.config import (
     DEFAULT_AGENT_PORT,
     DEFAULT_HOST,
@@ -141,6 +146,7 @@ def _stop_child(child: subprocess.Popen | None) -> None:
 @workers_option("Relay workers")
 @state_dir_option("Secret and snapshot")
 @consent_timeout_option(from_env=False)
+@signaling_auth_options()
 def up(
     app: str,
     agent_url: str | None,
@@ -154,6 +160,9 @@ def up(
     workers: int | None,
     state_dir: Path | None,
     consent_timeout: float,
+    api_key: str | None,
+    require_auth: bool,
+    cors_origins: tuple[str, ...],
 ) -> None:
     """Start the local voice stack and print where to talk to it. Ctrl-C stops everything."""
     import uvloop
@@ -162,7 +171,7 @@ def up(
     from voicerelay.net import check_port_free
     from voicerelay.relay import control, spawn
     from voicerelay.relay.preflight import ensure_secret, refuse_if_running
-    from voicerelay.transceiver.config import TransceiverConfig
+    from voicerelay.transceiver.config import DEFAULT_RELAYS, TransceiverConfig
     from voicerelay.transceiver.signaling import Transceiver
 
     try:
@@ -196,8 +205,12 @@ def up(
         relay_public=(host, public_port),
         state_dir=state,
         consent_timeout=consent_timeout,
+        relays=(*DEFAULT_RELAYS, host),  # the relay's workers send from --host (or loopback)
         agent_url=agent_url,
         agent_key=agent_key,
+        api_key=api_key or None,
+        require_auth=require_auth,
+        cors_origins=cors_origins,
     )
     run_reference_agent = app == "agent" and agent_url is None
     refuse_if_running(
@@ -247,6 +260,7 @@ def up(
             f"  relay {host}:{public_port} ({relay_config.workers} workers), "
             f"transceiver {host}:{transceiver_port}, state {relay_config.state_dir}"
         )
+        click.echo(f"  {node.api_key.describe()}")
         click.echo(
             f"  try `relayctl call http://{url_host}:{node.http_addr[1]}`; "
             "`relayctl stats` shows the relay; Ctrl-C stops everything"

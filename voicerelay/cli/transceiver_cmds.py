@@ -15,6 +15,7 @@ from voicerelay.cli.options import (
     options,
     parse_hostport,
     secret_file_option,
+    signaling_auth_options,
     state_dir_option,
 )
 from voicerelay.config import (
@@ -25,7 +26,7 @@ from voicerelay.config import (
     ConfigError,
     default_state_dir,
 )
-from voicerelay.transceiver.config import TransceiverConfig
+from voicerelay.transceiver.config import DEFAULT_RELAYS, TransceiverConfig
 
 
 def transceiver_config(
@@ -39,6 +40,13 @@ def transceiver_config(
     max_sessions: int,
     agent_url: str | None = None,
     agent_key: str | None = None,
+    connect_timeout: float = 10.0,
+    relays: str = ",".join(DEFAULT_RELAYS),
+    api_key: str | None = None,
+    require_auth: bool = False,
+    cors_origins: tuple[str, ...] = (),
+    session_rate: float = 2.0,
+    session_burst: int = 20,
 ) -> TransceiverConfig:
     """A validated TransceiverConfig from CLI values (ConfigError names the fix)."""
     return TransceiverConfig(
@@ -52,8 +60,15 @@ def transceiver_config(
         cluster_id=cluster_id,
         consent_timeout=consent_timeout,
         max_sessions=max_sessions,
+        connect_timeout=connect_timeout,
+        relays=tuple(relays.split(",")),
         agent_url=agent_url or None,
         agent_key=agent_key or None,
+        api_key=api_key or None,
+        require_auth=require_auth,
+        cors_origins=cors_origins,
+        session_rate=session_rate,
+        session_burst=session_burst,
     )
 
 
@@ -91,6 +106,23 @@ transceiver_options = options(
         show_default=True,
     ),
     click.option(
+        "--connect-timeout",
+        envvar="VOICERELAY_CONNECT_TIMEOUT",
+        type=float,
+        default=10.0,
+        show_default=True,
+        help="Seconds a new session has to connect (ICE and DTLS) before it is closed "
+        "(never-connected) and its place freed.",
+    ),
+    click.option(
+        "--relays",
+        envvar="VOICERELAY_RELAYS",
+        default=",".join(DEFAULT_RELAYS),
+        show_default=True,
+        help="Who may send envelopes to --internal: the relays' addresses or networks (CIDR), "
+        "comma-separated; anything else is dropped and counted.",
+    ),
+    click.option(
         "--agent-url",
         envvar="VOICERELAY_AGENT_URL",
         default=None,
@@ -102,6 +134,24 @@ transceiver_options = options(
         envvar="VOICERELAY_AGENT_KEY",
         default=None,
         help="The backend's API key (sent as Authorization: Bearer).",
+    ),
+    signaling_auth_options(),
+    click.option(
+        "--session-rate",
+        envvar="VOICERELAY_SESSION_RATE",
+        type=float,
+        default=2.0,
+        show_default=True,
+        help="New sessions a second per client address (IPv6: per /64) without the API key; "
+        "0 turns the limit off.",
+    ),
+    click.option(
+        "--session-burst",
+        envvar="VOICERELAY_SESSION_BURST",
+        type=int,
+        default=20,
+        show_default=True,
+        help="How many of those a client may place at once.",
     ),
 )
 
@@ -140,7 +190,8 @@ def transceiver(**options: Any) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         click.echo(
-            f"transceiver ready: signaling http://{node.http_addr[0]}:{node.http_addr[1]}/",
+            f"transceiver ready: signaling http://{node.http_addr[0]}:{node.http_addr[1]}/; "
+            f"{node.api_key.describe()}",
             err=True,
         )
         try:

@@ -8,6 +8,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from voicerelay.config import (
     DEFAULT_HOST,
@@ -18,6 +19,55 @@ from voicerelay.config import (
     default_state_dir,
     secret_path,
 )
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Where transceivers may live (checked on snapshot restore): loopback, RFC 1918, ULA. Never a
+# public network by default: a restored flow must not make the relay send to the Internet.
+DEFAULT_TRANSCEIVER_NETWORKS = (
+    "127.0.0.0/8",
+    "::1/128",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "fc00::/7",
+)
+
+
+def parse_networks(entries: tuple[str, ...] | list[str] | str) -> tuple[IpNetwork, ...]:
+    """CIDR networks or addresses (a list, or one comma-separated string); a one-line
+    ConfigError naming --transceiver-networks for a bad entry or an empty list."""
+    if isinstance(entries, str):
+        entries = entries.split(",")
+    networks = []
+    for entry in (e.strip() for e in entries):
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"--transceiver-networks entry {entry!r} is not a CIDR network: write e.g. "
+                "10.0.0.0/8,fd00::/8"
+            ) from None
+    if not networks:
+        raise ConfigError("--transceiver-networks is empty: list e.g. 10.0.0.0/8")
+    return tuple(networks)
+
+
+def check_redis_url(url: str) -> None:
+    """ConfigError (one line) unless `url` is redis://host:port/db (or rediss://, unix://)."""
+    fix = "use redis://host:port/db"
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"redis url {url!r} is not a Redis URL: {fix}")
+    parts = urlsplit(url)
+    try:
+        _ = parts.port  # urlsplit parses the port only when it is read
+    except ValueError:
+        port = parts.netloc.rpartition("@")[2].rpartition(":")[2]
+        if port.isdigit():
+            raise ConfigError(f"redis url {url!r}: port {port} is out of range: {fix}") from None
+        raise ConfigError(f"redis url {url!r} has no numeric port ({port!r}): {fix}") from None
+    db = parts.path.strip("/") if parts.scheme != "unix" else ""
+    if db and not db.isdigit():
+        raise ConfigError(f"redis url {url!r}: database {db!r} is not a number: {fix}")
 
 
 @dataclass
@@ -37,6 +87,17 @@ class RelayConfig:
     snapshot_interval: float = 1.0
     cluster_id: int = 0
     pin_cpus: bool = True
+    transceiver_networks: tuple[str, ...] = DEFAULT_TRANSCEIVER_NETWORKS
+    # Admission of new flows (relay/router.py): token first-use window (s), client addresses
+    # per token, new flows a second per source prefix (/24, /64; 0: no limit) and burst, how
+    # long a flow's return traffic must be silent before it may move, and how long a flow
+    # that never carried return traffic lives.
+    token_window: float = 30.0
+    token_clients: int = 4
+    new_flow_rate: float = 100.0
+    new_flow_burst: int = 200
+    rebind_after: float = 10.0
+    unanswered_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()
@@ -59,6 +120,11 @@ class RelayConfig:
     @property
     def secret_path(self) -> Path:
         return secret_path(self.state_dir, self.secret_file)
+
+    @property
+    def networks(self) -> tuple[IpNetwork, ...]:
+        """`transceiver_networks` as networks (validated in __post_init__)."""
+        return tuple(ipaddress.ip_network(n) for n in self.transceiver_networks)
 
     @property
     def shm_name(self) -> str:
@@ -118,9 +184,21 @@ class RelayConfig:
                 f"snapshot interval {self.snapshot_interval} is out of range: use 0.05-3600 s"
             )
         check_cluster_id(self.cluster_id)
-        if self.redis_url is not None and not self.redis_url.startswith(
-            ("redis://", "rediss://", "unix://")
-        ):
-            raise ConfigError(
-                f"redis url {self.redis_url!r} is not a Redis URL: use redis://host:port/db"
-            )
+        if self.redis_url is not None:
+            check_redis_url(self.redis_url)
+        self._validate_admission()
+        self.transceiver_networks = tuple(str(n) for n in parse_networks(self.transceiver_networks))
+
+    def _validate_admission(self) -> None:
+        ranges = (
+            ("token window", "token_window", 1, 86400, " s"),
+            ("token clients", "token_clients", 1, 64, ""),
+            ("new flow rate", "new_flow_rate", 0, 1000000, " a second (0: no limit)"),
+            ("new flow burst", "new_flow_burst", 1, 1000000, ""),
+            ("rebind after", "rebind_after", 0, 3600, " s"),
+            ("unanswered timeout", "unanswered_timeout", 0.05, 86400, " s"),
+        )
+        for what, name, low, high, unit in ranges:
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ConfigError(f"{what} {value} is out of range: use {low}-{high}{unit}")

@@ -136,8 +136,27 @@ def answer(operations: Mapping[str, Operation], op: Any) -> dict[str, Any]:
     return handler()
 
 
+def bind_private(path: Path) -> socket.socket:
+    """A listening unix socket at `path`, mode 0600 from the moment it exists (bound under a
+    umask: a chmod after bind leaves a window). Never replaces an existing file: OSError."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    return sock
+
+
 async def serve(path: Path, operations: Mapping[str, Operation]) -> asyncio.AbstractServer:
-    """Answer requests on a unix socket at `path` (mode 0600) until the server is closed."""
+    """Answer requests on a unix socket at `path` (mode 0600) until the server is closed.
+
+    An existing file at `path` is an error (OSError), never replaced: it is another launcher's
+    (the launcher removes a dead one's before it gets here)."""
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -148,6 +167,4 @@ async def serve(path: Path, operations: Mapping[str, Operation]) -> asyncio.Abst
         finally:
             writer.close()
 
-    server = await asyncio.start_unix_server(on_connection, path=str(path))
-    os.chmod(path, 0o600)
-    return server
+    return await asyncio.start_unix_server(on_connection, sock=bind_private(path))

@@ -1,6 +1,9 @@
 """The relay launcher: owns the shared memory and the snapshotter, runs the worker supervisor
 and answers `relayctl` on the control socket until it is stopped.
 
+It removes, on the way out, only what it created itself: a start that fails (another relay
+already runs on the port) leaves that relay's pid file and control socket alone.
+
 `run_foreground(config)` runs one in this process; `python -m voicerelay.relay.launcher
 CONFIG_JSON` is the same as a process of its own (`relay.spawn` starts it both ways).
 """
@@ -20,7 +23,7 @@ from voicerelay.config import ConfigError
 from voicerelay.process import configure_logging
 from voicerelay.relay import control, snapshot
 from voicerelay.relay.config import RelayConfig
-from voicerelay.relay.preflight import preflight
+from voicerelay.relay.preflight import PidFile, preflight
 from voicerelay.relay.router import COUNTER_FIELDS
 from voicerelay.relay.supervisor import Supervisor
 from voicerelay.shm.counters import CounterArray
@@ -38,25 +41,33 @@ class Launcher:
         self.table: FlowTable | None = None
         self.counters: CounterArray | None = None
         self.snapshotter: snapshot.Snapshotter | None = None
+        self.pid_file: PidFile | None = None
+        self.socket_inode: int | None = None  # of the control socket this launcher bound
         self.started = time.time()
-        self.restored = 0
+        self.restore = snapshot.RestoreResult(source="")
         self._done: asyncio.Event | None = None
 
     # Start ----------------------------------------------------------------------------------
     def prepare(self) -> None:
         """Everything that can fail with a one-line error, before any process is forked."""
         cfg = self.config
-        preflight(cfg)
+        self.pid_file = preflight(cfg)
+        self.supervisor.close_in_worker = (self.pid_file.fileno(),)
+        seal = snapshot.seal_for(cfg)
+        store = snapshot.open_store(cfg)
         self.table = FlowTable.create(cfg.shm_name, cfg.workers, cfg.capacity, time.monotonic())
         self.counters = CounterArray.create(cfg.counters_name, cfg.workers, COUNTER_FIELDS)
-        store = snapshot.open_store(cfg)
-        self.restored = snapshot.restore(
-            self.table, store, time.monotonic(), idle_timeout=cfg.idle_timeout
+        self.restore = snapshot.restore(
+            self.table,
+            store,
+            time.monotonic(),
+            seal,
+            networks=cfg.networks,
+            idle_timeout=cfg.idle_timeout,
         )
-        if self.restored:
-            log.info("restored %d flows from %s", self.restored, store.describe())
-        self.snapshotter = snapshot.Snapshotter(self.table, store, cfg.snapshot_interval)
-        cfg.pid_file.write_text(f"{os.getpid()}\n")
+        if self.restore.restored:
+            log.info("restored %d flows from %s", self.restore.restored, store.describe())
+        self.snapshotter = snapshot.Snapshotter(self.table, store, seal, cfg.snapshot_interval)
 
     async def run(self) -> None:
         """Workers, snapshots and the control socket until SIGTERM/SIGINT/SIGHUP or `stop`."""
@@ -65,10 +76,15 @@ class Launcher:
         self.supervisor.start(loop)
         assert self.snapshotter is not None
         self.snapshotter.start()
-        server = await control.serve(
-            self.config.control_socket,
-            {"status": self.status, "stats": self.stats, "stop": self._stop_requested},
-        )
+        path = self.config.control_socket
+        operations = {"status": self.status, "stats": self.stats, "stop": self._stop_requested}
+        try:
+            server = await control.serve(path, operations)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the control socket {path} ({exc.strerror}): check --state-dir"
+            ) from None
+        self.socket_inode = path.stat().st_ino
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._done.set)
         log.info(
@@ -96,7 +112,7 @@ class Launcher:
             "pid": os.getpid(),
             "listen": f"{self.config.listen_host}:{self.config.listen_port}",
             "uptime": time.time() - self.started,
-            "restored_flows": self.restored,
+            "restored_flows": self.restore.restored,
             "workers": self.supervisor.status(),
         }
 
@@ -110,11 +126,15 @@ class Launcher:
         status["totals"] = totals
         status["table_flows"] = self.table.count()
         status["snapshot"] = self.snapshotter.state() if self.snapshotter else {}
+        status["restore"] = self.restore.as_dict()
         return status
 
     # Stop -----------------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Stop workers, take the final snapshot, remove every trace."""
+        """Stop workers, take the final snapshot, remove every trace of this launcher (and
+        nothing of another one's: a start that failed has nothing to remove)."""
+        if self.pid_file is None:
+            return
         self.supervisor.stop()
         if self.snapshotter is not None:
             self.snapshotter.stop(final=True)
@@ -123,10 +143,17 @@ class Launcher:
                 shared.unlink()
                 with contextlib.suppress(BufferError):
                     shared.close()
-        for path in (self.config.control_socket, self.config.pid_file):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        self._remove_control_socket()
+        self.pid_file.release()
+        self.pid_file = None
         log.info("relay on port %d stopped", self.config.listen_port)
+
+    def _remove_control_socket(self) -> None:
+        """Unlink the control socket if it is still the one this launcher bound."""
+        path = self.config.control_socket
+        with contextlib.suppress(FileNotFoundError):
+            if self.socket_inode is not None and path.stat().st_ino == self.socket_inode:
+                path.unlink()
 
 
 def run_foreground(config: RelayConfig) -> None:

@@ -4,29 +4,60 @@ Peers are raw `struct sockaddr` bytes, as the worker's batched I/O (recvmmsg/sen
 them: `client_datagram` and `transceiver_datagram` are the hot path. `from_client` and
 `from_transceiver` take and return `Addr` tuples instead, for callers that think in addresses.
 
-Client -> transceiver: a known flow costs a dict lookup and one bytes concatenation of the
-flow's cached envelope header with the datagram. The first packet of a flow must be a STUN
-Binding request whose server ufrag is a routing token that opens; a non-STUN packet from an
-unknown address is looked up in the other workers' shards (adopted on a hit) or dropped.
+Client -> transceiver: a known flow's RTP costs a dict lookup and one bytes concatenation of the
+flow's cached envelope header with the datagram. What the relay carries is what RFC 7983 names
+(`wire.demux`): STUN, DTLS, RTP/RTCP; any other first byte is dropped. The first packet of a
+flow must be a STUN Binding request whose server ufrag is a routing token that opens and may
+open a flow (below). A DTLS or RTP packet from an unknown address is looked up in this shard
+(flows a previous incarnation of this worker left) and, only within `ADOPT_WINDOW` of a worker
+starting (when the kernel may have moved clients between workers), in the other shards; at any
+other time it is dropped as cheaply as it came, so junk from spoofed sources costs no more than
+a forwarded packet.
+
+Who may open a flow:
+- the token is fresh (issued within `token_window` of now, wall clock) or in use (one of its
+  flows, at any worker, carried return traffic within `idle_timeout`: workers mark such tokens
+  in shared memory every `MARK_EVERY`, so a client whose NAT moves it to a new address and
+  worker mid-call goes on); an address that already has a flow to the token's transceiver (any
+  shard) keeps it, whatever the token's age;
+- a token opens flows for at most `token_clients` client addresses (per worker);
+- a source prefix (/24, /64) opens at most `new_flow_rate` flows a second (`new_flow_burst` at
+  once, per worker);
+- an established flow (one that carried return traffic within `rebind_after`) is never moved to
+  another transceiver by a packet: the relay cannot check STUN integrity, so one spoofed check
+  must not steal a call. A flow that never carried return traffic, or has been silent that
+  long, may be rebound.
+When the shard is full, the oldest flow that never carried return traffic is evicted to make
+room before a new flow is refused.
+
+Liveness counts return traffic only: a flow lives `idle_timeout` after its transceiver last
+sent to the client (the `last_seen` written to shared memory), and a flow that never carried
+any goes `unanswered_timeout` after it was created or adopted, whatever its client sends. An
+honest transceiver answers every authenticated check at once; junk keeps nothing alive.
 
 Transceiver -> client: only for a live flow binding that client to that transceiver, found by
 the exact envelope header bytes (another dict lookup), else in the shared table.
 
-Per-flow counters and last-seen stay in process and reach shared memory on `flush`, called on
-a short timer: the hot path never writes shared memory.
+Per-flow counters and return-traffic times stay in process and reach shared memory on `flush`,
+called on a short timer: the hot path never writes shared memory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from collections.abc import Iterable
 
-from voicerelay.shm.flowtable import FlowTable, ShardWriter, TableFull
+from voicerelay.relay.admission import PrefixLimiter, prefix_of
+from voicerelay.shm.flowtable import GENERATION_AT, FlowRecord, FlowTable, ShardWriter, TableFull
 from voicerelay.wire import envelope, stun
 from voicerelay.wire.addr import Addr, addr_from_sockaddr, canonical, sockaddr
-from voicerelay.wire.token import TokenError, TokenKeys
+from voicerelay.wire.demux import IS_RTP, IS_STUN, KIND_BY_FIRST_BYTE, PacketKind
+from voicerelay.wire.token import Route, TokenError, TokenKeys
 
 MOVED_AFTER = 1.0  # s silent here, with a fresher copy in another shard: the client moved
+ADOPT_WINDOW = 3.0  # s after a worker starts during which unknown media searches other shards
+MARK_EVERY = 5.0  # s between marks of a token in use (shared with the other workers)
 MAX_DATAGRAM = 1500  # client datagrams above this are not WebRTC media: dropped as oversize
 HEADER_SIZE = envelope.HEADER_SIZE
 MAX_ENVELOPE = MAX_DATAGRAM + HEADER_SIZE
@@ -34,8 +65,14 @@ MAX_ENVELOPE = MAX_DATAGRAM + HEADER_SIZE
 DROP_REASONS = (
     "malformed",
     "oversize",
+    "unknown_protocol",
     "unknown_flow",
     "bad_token",
+    "token_old_format",
+    "token_expired",
+    "token_clients",
+    "rate_limited",
+    "rebind_refused",
     "foreign_cluster",
     "table_full",
     "transceiver_unreachable",
@@ -45,18 +82,30 @@ DROP_REASONS = (
     "return_no_flow",
     "return_wrong_transceiver",
 )
+EVENTS = (
+    "flows_created",
+    "flows_adopted",
+    "flows_expired",
+    "flows_rebound",
+    "flows_evicted",
+    "shard_searches",
+)
 COUNTER_FIELDS: tuple[str, ...] = (
     "packets_in",
     "bytes_in",
     "packets_out",
     "bytes_out",
     "flows",
-    "flows_created",
-    "flows_adopted",
-    "flows_expired",
-    "flows_rebound",
+    *EVENTS,
     *(f"drop_{reason}" for reason in DROP_REASONS),
 )
+_TOKEN_DROPS = {"old-format": "token_old_format"}  # every other TokenError: bad_token
+_STUN, _UNKNOWN = PacketKind.STUN, PacketKind.UNKNOWN
+
+
+def token_tag(ufrag: bytes) -> bytes:
+    """The 8 bytes a token is marked under in shared memory (never all zero)."""
+    return hashlib.blake2b(ufrag, digest_size=8).digest().replace(bytes(8), b"\x01" * 8)
 
 
 class LocalFlow:
@@ -72,6 +121,8 @@ class LocalFlow:
         "slot",
         "packets_in",
         "packets_out",
+        "flushed_out",
+        "seen_at",
     )
 
     def __init__(
@@ -84,20 +135,27 @@ class LocalFlow:
         ufrag: bytes = b"",
         packets_in: int = 0,
         packets_out: int = 0,
+        seen_at: float = 0.0,
     ) -> None:
         self.client = client
         self.transceiver = transceiver
         self.peer = peer  # the client's sockaddr on the public socket
         self.transceiver_peer = transceiver_peer  # the transceiver's, on the internal socket
         self.header = envelope.pack_header(client)
-        self.ufrag = ufrag
+        self.ufrag = ufrag  # the last server ufrag (routing token) seen on this flow
         self.slot = slot
         self.packets_in = packets_in
         self.packets_out = packets_out
+        self.flushed_out = packets_out  # packets_out at the last flush
+        self.seen_at = seen_at  # last return traffic (as of a flush), else creation/adoption
+
+    def last_return(self, now: float) -> float:
+        """When the transceiver last sent to this client (`now` if since the last flush)."""
+        return now if self.packets_out != self.flushed_out else self.seen_at
 
 
 class RelayRouter:
-    """The forwarding state of one worker: its flows, its shard, its counters."""
+    """The forwarding state of one worker: its flows, its shard, its admission, its counters."""
 
     def __init__(
         self,
@@ -111,7 +169,18 @@ class RelayRouter:
         expire_interval: float = 0.1,
         public_family: int = socket.AF_INET,
         internal_family: int = socket.AF_INET,
+        token_window: float = 30.0,
+        token_clients: int = 4,
+        new_flow_rate: float = 100.0,
+        new_flow_burst: int = 200,
+        rebind_after: float = 10.0,
+        unanswered_timeout: float = 10.0,
+        now: float = 0.0,
+        wall_offset: float = 0.0,
     ) -> None:
+        """`now` is the monotonic time the worker starts (it opens the adoption window);
+        `wall_offset` is wall clock minus monotonic clock (tokens carry wall-clock times),
+        kept current by the caller."""
         self.keys = keys
         self.public_family = public_family
         self.internal_family = internal_family
@@ -121,20 +190,31 @@ class RelayRouter:
         self.cluster_id = cluster_id
         self.cluster_routes = dict(cluster_routes or {})
         self.idle_timeout = idle_timeout
-        # Sweep the whole shard within half the idle timeout, a slice per timer tick.
-        ticks = max(1.0, idle_timeout / 2 / expire_interval)
+        self.token_window = token_window
+        self.token_clients = token_clients
+        self.rebind_after = rebind_after
+        self.unanswered_timeout = unanswered_timeout
+        self.wall_offset = wall_offset
+        self.limiter = PrefixLimiter(new_flow_rate, new_flow_burst)
+        # Sweep the whole shard within half the shortest timeout, a slice per timer tick.
+        ticks = max(1.0, min(idle_timeout, unanswered_timeout) / 2 / expire_interval)
         self.expire_budget = max(64, int(table.capacity / ticks) + 1)
         self.flows: dict[Addr, LocalFlow] = {}
         self.by_peer: dict[bytes, LocalFlow] = {}
         self.by_header: dict[bytes, LocalFlow] = {}
+        self.by_token: dict[bytes, set[LocalFlow]] = {}
+        self.marked: dict[bytes, float] = {}  # token -> when this worker last marked it
+        self.unanswered: dict[LocalFlow, None] = {}  # oldest first: eviction candidates
         self.dirty: set[LocalFlow] = set()
         self.packets_in = self.bytes_in = self.packets_out = self.bytes_out = 0
-        self.events = dict.fromkeys(
-            ("flows_created", "flows_adopted", "flows_expired", "flows_rebound"), 0
-        )
+        self.events = dict.fromkeys(EVENTS, 0)
         self.drops = dict.fromkeys(DROP_REASONS, 0)
+        self.junk = [0] * 256  # unknown-address drops on the fast path, by first byte
         # Flows already in this shard (a restarted worker's) are adopted on their first packet,
         # so starting costs the same at any table size.
+        self._table_buf = table.buf
+        self.generation = table.bump_generation()
+        self.adopt_until = now + ADOPT_WINDOW
 
     # Client -> transceiver ------------------------------------------------------------------
     def client_datagram(self, data: bytes, peer: bytes, now: float) -> tuple[bytes, bytes] | None:
@@ -143,12 +223,22 @@ class RelayRouter:
         `peer` is the client's sockaddr as the public socket reported it."""
         flow = self.by_peer.get(peer)
         n = len(data)
-        if flow is not None and 0 < n <= MAX_DATAGRAM and data[0] > 3:
-            flow.packets_in += 1
-            self.dirty.add(flow)
-            self.packets_in += 1
-            self.bytes_in += n
-            return flow.transceiver_peer, flow.header + data
+        if flow is not None:
+            if 0 < n <= MAX_DATAGRAM and IS_RTP[data[0]]:
+                flow.packets_in += 1
+                self.dirty.add(flow)
+                self.packets_in += 1
+                self.bytes_in += n
+                return flow.transceiver_peer, flow.header + data
+        elif (
+            0 < n <= MAX_DATAGRAM
+            and not IS_STUN[data[0]]
+            and now > self.adopt_until
+            and self.writer.used <= len(self.flows)
+            and self._table_buf[GENERATION_AT] == self.generation
+        ):  # an unknown address, nothing to adopt: junk costs this much and no more
+            self.junk[data[0]] += 1
+            return None
         return self._client_slow(data, peer, flow, now)
 
     def from_client(self, data: bytes, client: Addr, now: float) -> tuple[Addr, bytes] | None:
@@ -163,81 +253,213 @@ class RelayRouter:
     def _client_slow(
         self, data: bytes, peer: bytes, flow: LocalFlow | None, now: float
     ) -> tuple[bytes, bytes] | None:
-        if not data:
+        n = len(data)
+        if not n:
             return self._drop("malformed")
-        if len(data) > MAX_DATAGRAM:
+        if n > MAX_DATAGRAM:
             return self._drop("oversize")
-        try:
-            client = addr_from_sockaddr(peer)
-        except ValueError:
-            return self._drop("malformed")
-        if data[0] <= 3:
+        kind = KIND_BY_FIRST_BYTE[data[0]]
+        if kind is _UNKNOWN:
+            return self._drop("unknown_protocol")
+        if kind is _STUN:
             ufrag = stun.binding_server_ufrag(data)
             if ufrag is not None and (flow is None or ufrag != flow.ufrag):
-                flow = self._route_by_token(ufrag, client, flow, now)
+                flow = self._route_by_token(ufrag, peer, flow, now)
                 if flow is None:
                     return None
         if flow is None:
-            flow = self._adopt(client, now)
+            flow = self._adopt(peer, now)
             if flow is None:
                 return self._drop("unknown_flow")
         flow.packets_in += 1
         self.dirty.add(flow)
         self.packets_in += 1
-        self.bytes_in += len(data)
+        self.bytes_in += n
         return flow.transceiver_peer, flow.header + data
 
     def _route_by_token(
-        self, ufrag: bytes, client: Addr, flow: LocalFlow | None, now: float
+        self, ufrag: bytes, peer: bytes, flow: LocalFlow | None, now: float
     ) -> LocalFlow | None:
+        """The flow a Binding request with this server ufrag goes by (None: dropped, counted)."""
+        if flow is None:
+            try:
+                client = addr_from_sockaddr(peer)
+            except ValueError:
+                return self._drop("malformed")
+            flow = self._adopt_own(client, now)
+            if flow is None and not self.limiter.allows(prefix_of(client), now):
+                return self._drop("rate_limited")  # refused before the token costs a decryption
+        else:
+            client = flow.client
         try:
             route = self.keys.open(ufrag)
-        except TokenError:
-            self._drop("bad_token")
-            return None
-        if route.cluster_id == self.cluster_id:
-            transceiver = canonical(route.transceiver)
-        elif route.cluster_id in self.cluster_routes:
-            transceiver = self.cluster_routes[route.cluster_id]
-        else:
-            self._drop("foreign_cluster")
-            return None
+        except TokenError as exc:
+            return self._unopened(exc, ufrag, flow)
+        transceiver = self._destination(route)
+        if transceiver is None:
+            return self._drop("foreign_cluster")
+        fresh = route.fresh(now + self.wall_offset, self.token_window)
+        if flow is None and (not fresh or self._searching(now)):
+            flow = self._adopt_foreign(client, now)
         if flow is not None and flow.transceiver == transceiver:
-            flow.ufrag = ufrag
+            self._retag(flow, ufrag)  # the same call, or a new session to the same place
             return flow
+        return self._open_flow(ufrag, client, transceiver, flow, fresh, now)
+
+    def _unopened(self, exc: TokenError, ufrag: bytes, flow: LocalFlow | None) -> LocalFlow | None:
+        """A token that does not open. An old-format token still continues a flow that already
+        goes where it names (calls bound before an upgrade); nothing else gets through."""
+        route = exc.route
+        if flow is not None and route is not None and self._destination(route) == flow.transceiver:
+            self._retag(flow, ufrag)
+            return flow
+        return self._drop(_TOKEN_DROPS.get(exc.reason, "bad_token"))
+
+    def _destination(self, route: Route) -> Addr | None:
+        """Where a route's packets go from this relay: its transceiver, or the next hop."""
+        if route.cluster_id == self.cluster_id:
+            return canonical(route.transceiver)
+        return self.cluster_routes.get(route.cluster_id)
+
+    def _open_flow(
+        self,
+        ufrag: bytes,
+        client: Addr,
+        transceiver: Addr,
+        flow: LocalFlow | None,
+        fresh: bool,
+        now: float,
+    ) -> LocalFlow | None:
+        """A new flow (or `flow` rebound) to `transceiver`, if admission allows it."""
+        if not fresh and not self._token_in_use(ufrag, now):
+            return self._drop("token_expired")
+        if flow is not None and self._established(flow, now):
+            return self._drop("rebind_refused")
+        users = self.by_token.get(ufrag)
+        if users is not None and len(users) >= self.token_clients:
+            return self._drop("token_clients")
         if not self._reachable(transceiver):
-            self._drop("transceiver_unreachable")
-            return None
-        try:
-            slot = self.writer.put(client, transceiver, now)
-        except TableFull:
-            self._drop("table_full")
-            return None
+            return self._drop("transceiver_unreachable")
+        if not self.limiter.take(prefix_of(client), now):
+            return self._drop("rate_limited")
+        slot = self._put(client, transceiver, now)
+        if slot is None:
+            return self._drop("table_full")
         if flow is not None:
             self.events["flows_rebound"] += 1
             self._forget(flow)
         else:
             self.events["flows_created"] += 1
-        return self._remember(client, transceiver, ufrag, slot)
+        return self._remember(client, transceiver, ufrag, slot, now)
 
-    def _adopt(self, client: Addr, now: float) -> LocalFlow | None:
-        """A flow another worker created (or a restarted worker's predecessor): take it over."""
+    def _established(self, flow: LocalFlow, now: float) -> bool:
+        """Did the flow's transceiver send to the client within `rebind_after`? Then no
+        unauthenticated packet moves it elsewhere."""
+        return flow.packets_out > 0 and now - flow.last_return(now) <= self.rebind_after
+
+    def _token_in_use(self, ufrag: bytes, now: float) -> bool:
+        """Has one of this token's flows (here, or at another worker) carried return traffic
+        within the idle timeout?"""
+        if any(
+            f.packets_out and now - f.last_return(now) <= self.idle_timeout
+            for f in self.by_token.get(ufrag, ())
+        ):
+            return True
+        marked = self.table.token_marked(token_tag(ufrag))
+        return marked is not None and now - marked <= self.idle_timeout
+
+    def _put(
+        self, client: Addr, transceiver: Addr, now: float, packets_in: int = 0, packets_out: int = 0
+    ) -> int | None:
+        """A slot for a new flow; when the shard is full, flows that never carried return
+        traffic give way, oldest first. None if nothing can."""
+        while True:
+            try:
+                return self.writer.put(client, transceiver, now, packets_in, packets_out)
+            except TableFull:
+                if not self._evict_one():
+                    return None
+
+    def _evict_one(self) -> bool:
+        while self.unanswered:
+            victim = next(iter(self.unanswered))
+            del self.unanswered[victim]
+            if victim.packets_out:  # answered since the last flush: it stays
+                continue
+            if self.writer.evict(victim.client):
+                self._forget(victim)
+                self.events["flows_evicted"] += 1
+                return True
+        return False
+
+    # Adoption -------------------------------------------------------------------------------
+    def _searching(self, now: float) -> bool:
+        """May a miss search the other shards? Only within `ADOPT_WINDOW` of a worker start."""
+        generation = self._table_buf[GENERATION_AT]
+        if generation != self.generation:
+            self.generation = generation
+            self.adopt_until = now + ADOPT_WINDOW
+        return now <= self.adopt_until
+
+    def _adopt(self, peer: bytes, now: float) -> LocalFlow | None:
+        """A DTLS/RTP packet from an address this worker does not know: a flow left in this
+        shard, or (within the adoption window) another worker's, taken over; else None."""
+        own = self.writer.used > len(self.flows)
+        searching = self._searching(now)
+        if not own and not searching:
+            return None
+        try:
+            client = addr_from_sockaddr(peer)
+        except ValueError:
+            return None
+        flow = self._adopt_own(client, now)
+        if flow is None and searching:
+            flow = self._adopt_foreign(client, now)
+        return flow
+
+    def _adopt_own(self, client: Addr, now: float) -> LocalFlow | None:
+        """A flow in this shard that this worker does not know yet (a restarted worker's)."""
+        if self.writer.used <= len(self.flows):
+            return None
         found = self.writer.get(client)
-        if found is not None:
-            slot, record = found
-            return self._remember(client, record.transceiver, b"", slot)
+        if found is None:
+            return None
+        slot, record = found
+        if not self._reachable(record.transceiver):
+            return None
+        return self._remember_record(record, slot, now)
+
+    def _adopt_foreign(self, client: Addr, now: float) -> LocalFlow | None:
+        """Another worker's flow for `client` (the kernel moved the client here), copied into
+        this shard; that worker's sweep drops its copy once this one is fresher (the
+        transceiver answers through this worker) and it has gone silent."""
+        self.events["shard_searches"] += 1
         hit = self.table.lookup(client, skip=self.shard_index)
         if hit is None:
             return None
         _, record = hit
         if not self._reachable(record.transceiver):
             return None
-        try:
-            slot = self.writer.put(client, record.transceiver, now)
-        except TableFull:
+        slot = self._put(
+            client, record.transceiver, record.last_seen, record.packets_in, record.packets_out
+        )
+        if slot is None:
             return None
         self.events["flows_adopted"] += 1
-        return self._remember(client, record.transceiver, b"", slot)
+        return self._remember_record(record, slot, now)
+
+    def _remember_record(self, record: FlowRecord, slot: int, now: float) -> LocalFlow:
+        """A flow found in shared memory, as it was: its counters, its last return traffic
+        (an adopted flow that never carried any starts its unanswered time again)."""
+        return self._remember(
+            record.client,
+            record.transceiver,
+            b"",
+            slot,
+            record.last_seen if record.packets_out else now,
+            record.packets_in,
+            record.packets_out,
+        )
 
     def _reachable(self, transceiver: Addr) -> bool:
         try:
@@ -246,25 +468,60 @@ class RelayRouter:
             return False
         return True
 
-    def _remember(self, client: Addr, transceiver: Addr, ufrag: bytes, slot: int) -> LocalFlow:
+    # Local flow state -----------------------------------------------------------------------
+    def _remember(
+        self,
+        client: Addr,
+        transceiver: Addr,
+        ufrag: bytes,
+        slot: int,
+        seen_at: float,
+        packets_in: int = 0,
+        packets_out: int = 0,
+    ) -> LocalFlow:
         flow = LocalFlow(
             client,
             transceiver,
             sockaddr(client, self.public_family),
             sockaddr(transceiver, self.internal_family),
             slot,
-            ufrag,
+            b"",
+            packets_in,
+            packets_out,
+            seen_at,
         )
         self.flows[client] = flow
         self.by_peer[flow.peer] = flow
         self.by_header[flow.header] = flow
+        if not packets_out:
+            self.unanswered[flow] = None
+        self._retag(flow, ufrag)
         return flow
+
+    def _retag(self, flow: LocalFlow, ufrag: bytes) -> None:
+        """File `flow` under the token it now goes by."""
+        if flow.ufrag == ufrag:
+            return
+        self._untag(flow)
+        flow.ufrag = ufrag
+        if ufrag:
+            self.by_token.setdefault(ufrag, set()).add(flow)
+
+    def _untag(self, flow: LocalFlow) -> None:
+        users = self.by_token.get(flow.ufrag)
+        if users is not None:
+            users.discard(flow)
+            if not users:
+                del self.by_token[flow.ufrag]
+                self.marked.pop(flow.ufrag, None)
 
     def _forget(self, flow: LocalFlow) -> None:
         self.flows.pop(flow.client, None)
         self.by_peer.pop(flow.peer, None)
         self.by_header.pop(flow.header, None)
         self.dirty.discard(flow)
+        self.unanswered.pop(flow, None)
+        self._untag(flow)
 
     # Transceiver -> client ------------------------------------------------------------------
     def transceiver_datagram(
@@ -320,25 +577,47 @@ class RelayRouter:
 
     # Timers ---------------------------------------------------------------------------------
     def flush(self, now: float) -> int:
-        """Write activity of flows that moved since the last flush to shared memory."""
+        """Write activity of flows that moved since the last flush to shared memory: counters,
+        and as `last_seen` the last time the transceiver sent to the client."""
         touch = self.writer.touch
+        unanswered = self.unanswered
         count = len(self.dirty)
         for flow in self.dirty:
-            touch(flow.slot, now, flow.packets_in, flow.packets_out)
+            out = flow.packets_out
+            if out != flow.flushed_out:
+                flow.flushed_out = out
+                flow.seen_at = now
+                unanswered.pop(flow, None)
+                if flow.ufrag:
+                    self._mark(flow.ufrag, now)
+            touch(flow.slot, flow.seen_at, flow.packets_in, out)
         self.dirty.clear()
         return count
 
+    def _mark(self, ufrag: bytes, now: float) -> None:
+        """Tell the other workers this token is in use (at most every `MARK_EVERY`)."""
+        if now - self.marked.get(ufrag, float("-inf")) >= MARK_EVERY:
+            self.marked[ufrag] = now
+            self.writer.mark_token(token_tag(ufrag), now)
+
     def expire(self, now: float) -> list[Addr]:
-        """Drop flows idle past the timeout, or silent here while a fresher copy lives in
-        another shard (adopted by another worker), a slice of the shard per call."""
+        """Drop flows whose transceiver went silent past the idle timeout, flows that never
+        carried return traffic past `unanswered_timeout`, and flows silent here while a fresher
+        copy lives in another shard (adopted by another worker), a slice of the shard per call;
+        forget a slice of refilled prefix buckets."""
         removed = self.writer.expire(
-            now, self.idle_timeout, self.expire_budget, moved_after=MOVED_AFTER
+            now,
+            self.idle_timeout,
+            self.expire_budget,
+            moved_after=MOVED_AFTER,
+            unanswered_after=self.unanswered_timeout,
         )
         for client in removed:
             flow = self.flows.get(client)
             if flow is not None:
                 self._forget(flow)
         self.events["flows_expired"] += len(removed)
+        self.limiter.prune(now, self.expire_budget)
         return removed
 
     def remove(self, clients: Iterable[Addr]) -> None:
@@ -367,5 +646,10 @@ class RelayRouter:
             "flows": len(self.flows),
             **self.events,
         }
-        values.update((f"drop_{reason}", count) for reason, count in self.drops.items())
+        drops = dict(self.drops)
+        for first, count in enumerate(self.junk):
+            if count:
+                known = KIND_BY_FIRST_BYTE[first] is not _UNKNOWN
+                drops["unknown_flow" if known else "unknown_protocol"] += count
+        values.update((f"drop_{reason}", count) for reason, count in drops.items())
         return values

@@ -18,7 +18,7 @@ from voicerelay.config import ConfigError
 from voicerelay.process import die_with_parent
 from voicerelay.relay import control, launcher
 from voicerelay.relay.config import RelayConfig
-from voicerelay.relay.preflight import refuse_if_running
+from voicerelay.relay.preflight import open_private, refuse_if_running
 
 POLL = 0.005  # seconds between "does it answer yet" checks
 
@@ -61,7 +61,7 @@ def start_background(config: RelayConfig, timeout: float = 10.0) -> int:
     The launcher is this process, forked and detached (a new session, output to the log
     file): it starts with everything already imported, which is what keeps a restart short.
     """
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     refuse_if_running(config)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -98,7 +98,7 @@ def restart(config: RelayConfig, timeout: float = 10.0) -> int:
 def start_child(config: RelayConfig, timeout: float = 15.0) -> subprocess.Popen:
     """A launcher as a child process (`python -m voicerelay.relay.launcher CONFIG_JSON`, dying
     with this one), once it answers."""
-    with open(config.log_file, "ab") as log:
+    with os.fdopen(open_private(config.log_file, os.O_WRONLY | os.O_APPEND), "ab") as log:
         child = subprocess.Popen(
             [sys.executable, "-m", "voicerelay.relay.launcher", config.to_json()],
             stdin=subprocess.DEVNULL,
@@ -111,10 +111,11 @@ def start_child(config: RelayConfig, timeout: float = 15.0) -> subprocess.Popen:
 
 
 def _detach(log_file: Path) -> None:
-    """Leave the terminal's session; stdin from /dev/null, stdout and stderr to the log."""
+    """Leave the terminal's session; stdin from /dev/null, stdout and stderr to the log (0600:
+    it names client addresses)."""
     os.setsid()
     null = os.open(os.devnull, os.O_RDONLY)
-    log = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    log = open_private(log_file, os.O_WRONLY | os.O_APPEND)
     os.dup2(null, 0)
     os.dup2(log, 1)
     os.dup2(log, 2)

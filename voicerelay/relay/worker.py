@@ -95,6 +95,7 @@ class Worker:
         self.counters = CounterArray.attach(config.counters_name)
         self.public_sock = bind_udp(config.listen_host, config.listen_port, reuse_port=True)
         self.internal_sock = bind_udp(*config.internal_addr(index), reuse_port=False)
+        now = time.monotonic()
         self.router = RelayRouter(
             load_keys(config.secret_path),
             self.table,
@@ -104,6 +105,14 @@ class Worker:
             expire_interval=TICK,
             public_family=self.public_sock.family,
             internal_family=self.internal_sock.family,
+            token_window=config.token_window,
+            token_clients=config.token_clients,
+            new_flow_rate=config.new_flow_rate,
+            new_flow_burst=config.new_flow_burst,
+            rebind_after=config.rebind_after,
+            unanswered_timeout=config.unanswered_timeout,
+            now=now,
+            wall_offset=time.time() - now,
         )
         self.stopped = asyncio.Event()
 
@@ -144,6 +153,7 @@ class Worker:
 
     def _publish(self, now: float) -> None:
         try:
+            self.router.wall_offset = time.time() - now  # follows the wall clock's steps
             self.router.flush(now)
             self.router.expire(now)
             self.counters.publish(self.index, self.router.counters())

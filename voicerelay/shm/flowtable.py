@@ -7,6 +7,18 @@ a reader copies the slot between two equal even reads, else retries. No locks an
 
 Slot: seq u32 | state u8 | client family u8, port u16, ip16 | transceiver family u8, pad,
 port u16, ip16 | last_seen f64 (monotonic) | packets in u32 | packets out u32 | pad 4.
+
+`last_seen` is the flow's last sign of life as the relay counts it: when its transceiver last
+sent to the client (or, for a flow that never carried return traffic, when it was created or
+adopted); see `relay/router.py`. The header keeps a one-byte generation after the table fields:
+every relay worker bumps it when it starts, so the others know clients may have moved.
+
+After the flow slots, `shards * capacity` token marks of 16 bytes: tag u64 (a hash of a routing
+token, never 0) | last answered f64 (monotonic). A worker marks a token whose flow carried
+return traffic, in its own shard's marks (open addressing, `MARK_PROBES` slots per tag, the
+oldest overwritten); any worker reads them to know a token is in use elsewhere (a client that
+moved to another address and worker mid-call). A mark is a hint: a torn read costs one wrong
+answer, never a wrong route.
 """
 
 from __future__ import annotations
@@ -21,16 +33,21 @@ from voicerelay.shm import segment
 from voicerelay.wire.addr import Addr, pack_ip, unpack_ip
 
 MAGIC = b"VRFT"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: token marks after the slots
 HEADER_SIZE = 64
 SLOT_SIZE = 64
+MARK_SIZE = 16
+MARK_PROBES = 8
+_MARK = struct.Struct("<8sd")
+_MARK_TIME = struct.Struct("<d")
+_NO_TAG = bytes(8)
 _TABLE_HEADER = struct.Struct("<IId")  # shards, capacity, created; after the owner block
+GENERATION_AT = segment.OWNER_SIZE + _TABLE_HEADER.size  # one byte, bumped by starting workers
 
 EMPTY, USED, TOMBSTONE = 0, 1, 2
 _SEQ = struct.Struct("<I")
 _BODY = struct.Struct("<BBH16sBxH16sdII")  # from offset 4
 _COUNTERS = struct.Struct("<dII")  # from offset 44
-_LAST_SEEN = struct.Struct("<d")
 _STATE_AT, _KEY_AT, _KEY_END, _COUNTERS_AT = 4, 5, 24, 44
 _KEY = struct.Struct("<BH16s")
 _RETRIES = 64
@@ -80,7 +97,7 @@ class FlowTable:
 
     @classmethod
     def size_for(cls, shards: int, capacity: int) -> int:
-        return HEADER_SIZE + shards * capacity * SLOT_SIZE
+        return HEADER_SIZE + shards * capacity * (SLOT_SIZE + MARK_SIZE)
 
     @classmethod
     def create(cls, name: str, shards: int, capacity: int, now: float = 0.0) -> FlowTable:
@@ -100,6 +117,39 @@ class FlowTable:
 
     def slot_offset(self, shard: int, index: int) -> int:
         return HEADER_SIZE + (shard * self.capacity + index) * SLOT_SIZE
+
+    def mark_offset(self, shard: int, index: int) -> int:
+        marks = HEADER_SIZE + self.shards * self.capacity * SLOT_SIZE
+        return marks + (shard * self.capacity + index) * MARK_SIZE
+
+    def token_marked(self, tag: bytes) -> float | None:
+        """The latest time any worker marked token `tag` (8 bytes, not all zero), or None."""
+        latest: float | None = None
+        buf = self.buf
+        start = int.from_bytes(tag, "little") % self.capacity
+        for shard in range(self.shards):
+            for step in range(MARK_PROBES):
+                off = self.mark_offset(shard, (start + step) % self.capacity)
+                stored, when = _MARK.unpack_from(buf, off)
+                if stored == tag:
+                    latest = when if latest is None else max(latest, when)
+                    break
+                if stored == _NO_TAG:
+                    break
+        return latest
+
+    @property
+    def generation(self) -> int:
+        """The worker generation (0-255, wrapping): it changes whenever a worker starts."""
+        return self.buf[GENERATION_AT]
+
+    def bump_generation(self) -> int:
+        """Announce a starting worker (clients may move between workers); the new value.
+
+        Several writers may race here; a lost increment still leaves the value changed."""
+        value = (self.buf[GENERATION_AT] + 1) & 0xFF
+        self.buf[GENERATION_AT] = value
+        return value
 
     def shard(self, index: int) -> ShardWriter:
         """The writer of shard `index`: only its owning worker may use it."""
@@ -192,10 +242,10 @@ class ShardWriter:
         self.capacity = table.capacity
         self._base = table.slot_offset(shard, 0)
         self._cursor = 0
-        self._used = table.count(shard)
+        self.used = table.count(shard)  # live flows in the shard, whoever created them
 
     def __len__(self) -> int:
-        return self._used
+        return self.used
 
     def _states(self, first: int, count: int) -> bytes:
         """The state bytes of slots first..first+count-1 (one strided copy, no Python loop)."""
@@ -271,7 +321,7 @@ class ShardWriter:
             if free < 0:
                 raise TableFull(f"shard {self.shard_index} holds {self.capacity} flows")
             slot = free
-            self._used += 1
+            self.used += 1
         self._write(slot, USED, client, transceiver, now, packets_in, packets_out)
         return slot
 
@@ -300,9 +350,45 @@ class ShardWriter:
         self._release(slot)
         return True
 
+    def mark_token(self, tag: bytes, when: float) -> None:
+        """Record that token `tag` (8 bytes, not all zero) was answered at `when`: in its own
+        mark, a free one on its probe path, or over the oldest there."""
+        table = self.table
+        buf = table.buf
+        start = int.from_bytes(tag, "little") % self.capacity
+        oldest, oldest_when = -1, float("inf")
+        for step in range(MARK_PROBES):
+            off = table.mark_offset(self.shard_index, (start + step) % self.capacity)
+            stored, stored_when = _MARK.unpack_from(buf, off)
+            if stored == tag:
+                _MARK_TIME.pack_into(buf, off + 8, when)
+                return
+            if stored == _NO_TAG:
+                oldest = off
+                break
+            if stored_when < oldest_when:
+                oldest, oldest_when = off, stored_when
+        buf[oldest : oldest + 8] = _NO_TAG  # a reader never sees the new tag with an old time
+        _MARK_TIME.pack_into(buf, oldest + 8, when)
+        buf[oldest : oldest + 8] = tag
+
+    def evict(self, client: Addr) -> bool:
+        """Remove a flow that never carried return traffic (packets out 0, as last flushed) to
+        make room for another; True if removed. A flow that carried some stays."""
+        slot, _ = self._find(client_key(client))
+        if slot < 0:
+            return False
+        _, _, packets_out = _COUNTERS.unpack_from(
+            self.table.buf, self._base + slot * SLOT_SIZE + _COUNTERS_AT
+        )
+        if packets_out:
+            return False
+        self._release(slot)
+        return True
+
     def _release(self, slot: int) -> None:
         """Tombstone a slot; turn it (and tombstones before it) EMPTY when it ends a run."""
-        self._used -= 1
+        self.used -= 1
         cap = self.capacity
         buf = self.table.buf
         after = self._base + ((slot + 1) % cap) * SLOT_SIZE + _STATE_AT
@@ -321,13 +407,16 @@ class ShardWriter:
         idle: float,
         max_slots: int | None = None,
         moved_after: float | None = None,
+        unanswered_after: float | None = None,
     ) -> list[Addr]:
         """Remove flows idle longer than `idle`. Scans at most `max_slots` slots per call,
         resuming where the previous call stopped, so a sweep costs the same at any size; only
         live slots cost Python time (free ones are skipped in one strided copy).
 
         With `moved_after`, a flow silent here that long is also removed when another shard
-        holds a fresher copy: its client moved to another worker, which adopted it."""
+        holds a fresher copy: its client moved to another worker, which adopted it. With
+        `unanswered_after`, a flow that never carried return traffic (packets out 0) goes
+        after that long."""
         cap = self.capacity
         budget = cap if max_slots is None else min(max_slots, cap)
         buf = self.table.buf
@@ -340,10 +429,16 @@ class ShardWriter:
             while i >= 0:
                 slot = begin + i
                 off = self._base + slot * SLOT_SIZE
-                (last,) = _LAST_SEEN.unpack_from(buf, off + _COUNTERS_AT)
+                last, _, packets_out = _COUNTERS.unpack_from(buf, off + _COUNTERS_AT)
                 silent = now - last
-                if silent > idle or (
-                    moved_after is not None and silent > moved_after and self._moved(off, last)
+                if (
+                    silent > idle
+                    or (
+                        unanswered_after is not None
+                        and not packets_out
+                        and silent > unanswered_after
+                    )
+                    or (moved_after is not None and silent > moved_after and self._moved(off, last))
                 ):
                     removed.append(_decode(bytes(buf[off : off + SLOT_SIZE])).client)
                     self._release(slot)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from voicerelay.transceiver.session import (
 )
 from voicerelay.wire import envelope
 from voicerelay.wire.addr import Addr
+from voicerelay.wire.demux import IS_RTP
 
 OPUS_PT = 111
 _RTP_HEADER = struct.Struct("!BBHII")  # v=2, payload type, sequence, timestamp, ssrc
@@ -131,6 +133,22 @@ class ClientCall(asyncio.DatagramProtocol):
         )
         self._after_input()
 
+    async def rebind(self, sock: socket.socket | None = None) -> None:
+        """Go on from a new local port (or the bound UDP `sock`), as after a NAT rebinding: the
+        old socket closes, and the session's next check and media leave from the new one
+        (nothing is re-negotiated)."""
+        old = self.transport
+        assert old is not None
+        loop = asyncio.get_running_loop()
+        if sock is None:
+            host = old.get_extra_info("sockname")[0]
+            await loop.create_datagram_endpoint(lambda: self, local_addr=(host, 0))
+        else:
+            await loop.create_datagram_endpoint(lambda: self, sock=sock)
+        old.close()  # connection_made already holds the new transport
+        if self._direct is not None:
+            self._header = envelope.pack_header(self.local_addr)
+
     @property
     def local_addr(self) -> Addr:
         assert self.transport is not None
@@ -154,7 +172,7 @@ class ClientCall(asyncio.DatagramProtocol):
             addr = self._remote  # type: ignore[assignment]  # as if the relay had sent it
         now = self.clock()
         self.session.receive(data, addr[:2], now)
-        if data and 128 <= data[0] <= 191 and self.session.state == SECURE:
+        if data and IS_RTP[data[0]] and self.session.state == SECURE:
             self._take_media(now)  # SRTP/SRTCP in: nothing to send, no timer moves
         else:
             self._after_input()

@@ -17,7 +17,31 @@ from voicerelay.config import (
     default_state_dir,
     secret_path,
 )
+from voicerelay.transceiver.auth import API_KEY_FILE, check_api_key, parse_origins
+from voicerelay.transceiver.ratelimit import DEFAULT_BURST, DEFAULT_RATE
 from voicerelay.wire.addr import Addr
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+DEFAULT_RELAYS = ("127.0.0.0/8", "::1/128")  # the local stack's relay sends from loopback
+
+
+def parse_networks(entries: tuple[str, ...] | list[str], option: str) -> tuple[IpNetwork, ...]:
+    """Addresses or CIDR networks (`10.0.0.7`, `10.0.0.0/8`, `fd00::/8`); a one-line
+    ConfigError naming `option` for anything else or for an empty list."""
+    networks = []
+    for entry in entries:
+        if not entry.strip():
+            continue  # "a,,b" or a trailing comma
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"{option} entry {entry.strip()!r} is not an IP address or network: "
+                "write e.g. 10.0.0.0/8,192.0.2.7"
+            ) from None
+    if not networks:
+        raise ConfigError(f"{option} is empty: list the relays' addresses, e.g. 127.0.0.0/8")
+    return tuple(networks)
 
 
 @dataclass
@@ -29,9 +53,16 @@ class TransceiverConfig:
     secret_file: Path | None = None
     cluster_id: int = 0
     consent_timeout: float = 30.0
+    connect_timeout: float = 10.0  # a session not secure this soon is closed (never-connected)
     max_sessions: int = 2000
+    relays: tuple[str, ...] = DEFAULT_RELAYS  # who may send envelopes: addresses or networks
     agent_url: str | None = None  # a Realtime-compatible backend (ws/wss); None: echo calls
     agent_key: str | None = None  # its API key (Authorization: Bearer)
+    api_key: str | None = None  # signaling's API key; None: <state_dir>/api.key when auth is on
+    require_auth: bool = False  # authenticate on loopback too (beyond loopback it always is)
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may call signaling (CORS)
+    session_rate: float = DEFAULT_RATE  # new sessions a second per client (IPv4, IPv6 /64); 0: off
+    session_burst: int = DEFAULT_BURST  # ... and how many at once
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()
@@ -52,6 +83,12 @@ class TransceiverConfig:
             raise ConfigError(
                 f"consent timeout {self.consent_timeout} is out of range: use 0.5-3600 s"
             )
+        if not 0.5 <= self.connect_timeout <= 3600:
+            raise ConfigError(
+                f"--connect-timeout {self.connect_timeout} is out of range: use 0.5-3600 s"
+            )
+        relays = self.relays.split(",") if isinstance(self.relays, str) else self.relays
+        self.relays = tuple(str(n) for n in parse_networks(relays, "--relays"))
         if not 1 <= self.max_sessions <= 1_000_000:
             raise ConfigError(f"max sessions {self.max_sessions} is out of range: use 1-1000000")
         if self.agent_url is not None and not self.agent_url.startswith(("ws://", "wss://")):
@@ -60,7 +97,31 @@ class TransceiverConfig:
                 f"write e.g. ws://{DEFAULT_HOST}:{DEFAULT_AGENT_PORT}/v1/realtime"
             )
         check_cluster_id(self.cluster_id)
+        if self.api_key is not None:
+            check_api_key(self.api_key)
+        self.cors_origins = parse_origins(self.cors_origins)
+        if not 0 <= self.session_rate <= 1000:
+            raise ConfigError(f"--session-rate {self.session_rate} is out of range: use 0-1000")
+        if not 1 <= self.session_burst <= 100_000:
+            raise ConfigError(f"--session-burst {self.session_burst} is out of range: use 1-100000")
+
+    @property
+    def relay_networks(self) -> tuple[IpNetwork, ...]:
+        """`relays` as networks (validated in __post_init__)."""
+        return tuple(ipaddress.ip_network(r) for r in self.relays)
 
     @property
     def secret_path(self) -> Path:
         return secret_path(self.state_dir, self.secret_file)
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Signaling authenticates: always beyond loopback, on loopback if asked (a key given,
+        or `require_auth`)."""
+        beyond_loopback = not ipaddress.ip_address(self.http[0]).is_loopback
+        return beyond_loopback or self.require_auth or self.api_key is not None
+
+    @property
+    def api_key_path(self) -> Path:
+        """Where the API key is kept when none is given: created 0600 on first use."""
+        return self.state_dir / API_KEY_FILE

@@ -3,6 +3,11 @@ pair, offer and answer parsing, for the project's own load client). Pure code.
 
 The answer accepts the offer's first audio section with Opus only, rejects every other section
 (port 0), and lists one host candidate: the relay's public address.
+
+Offers are bounded so that an answer stays small and cheap: at most `MAX_LINES` lines and
+`MAX_SECTIONS` m-lines, and whatever the answer repeats from the offer (media kinds,
+protocols, formats, mids, Opus parameters) is a short token. Signaling caps the body at
+`MAX_OFFER` bytes before any of this runs.
 """
 
 from __future__ import annotations
@@ -16,6 +21,14 @@ from voicerelay.transceiver.certificate import normalize_fingerprint
 from voicerelay.wire.addr import Addr
 
 _ICE_CHARS = re.compile(r"[A-Za-z0-9+/]+")
+_TOKEN = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]{1,32}")  # RFC 4566 token, short
+_PROTO = re.compile(r"[A-Za-z0-9/_.+-]{1,32}")
+_DIGITS = re.compile(r"[0-9]+")
+_FMTP = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,255}")  # printable ASCII, up to 256
+
+MAX_OFFER = 32 * 1024  # bytes of offer signaling reads (a browser's audio+video offer: ~10 KB)
+MAX_LINES = 1024  # lines in an offer (a browser's audio+video offer: ~150)
+MAX_SECTIONS = 16  # m-lines in an offer: one is audio, the others are answered port 0
 
 
 class SdpError(ValueError):
@@ -66,24 +79,57 @@ class Answer:
 
 
 def _parse(text: str) -> tuple[list[tuple[str, str]], list[Section]]:
+    """Session attributes and m-sections; bounded work: at most `MAX_LINES` lines are split
+    and at most `MAX_SECTIONS` m-lines are accepted."""
     if not isinstance(text, str) or not text.lstrip().startswith("v=0"):
         raise SdpError("not SDP: the body must start with v=0")
+    lines = text.split("\n", MAX_LINES)
+    if len(lines) > MAX_LINES:
+        raise SdpError(f"SDP has more than {MAX_LINES} lines")
     session: list[tuple[str, str]] = []
     sections: list[Section] = []
-    for raw in text.splitlines():
+    for raw in lines:
         line = raw.strip()
         if len(line) < 2 or line[1] != "=":
             continue
         kind, value = line[0], line[2:]
         if kind == "m":
-            parts = value.split()
-            if len(parts) < 4 or not parts[1].split("/")[0].isdigit():
-                raise SdpError(f"malformed m-line: {value[:60]!r}")
-            sections.append(Section(parts[0], int(parts[1].split("/")[0]), parts[2], parts[3:]))
+            if len(sections) == MAX_SECTIONS:
+                raise SdpError(f"SDP has more than {MAX_SECTIONS} m-lines: a call needs one")
+            sections.append(_media_line(value))
         elif kind == "a":
             name, _, attr_value = value.partition(":")
             (sections[-1].attributes if sections else session).append((name, attr_value))
     return session, sections
+
+
+def _media_line(value: str) -> Section:
+    """An m-line (`kind port[/count] proto format...`) whose kind and proto are short tokens."""
+    parts = value.split()
+    port = parts[1].split("/")[0] if len(parts) >= 4 else ""
+    number = _number(port, 5)
+    if number is None:
+        raise SdpError(f"malformed m-line: {value[:60]!r}")
+    if not (_TOKEN.fullmatch(parts[0]) and _PROTO.fullmatch(parts[2])):
+        raise SdpError(f"m-line with an unknown media or protocol: {value[:60]!r}")
+    return Section(parts[0], number, parts[2], parts[3:])
+
+
+def _number(text: str, digits: int) -> int | None:
+    """`text` as an int if it is 1 to `digits` ASCII digits, else None."""
+    return int(text) if len(text) <= digits and _DIGITS.fullmatch(text) else None
+
+
+def _check_echoed(audio: Section, others: list[Section], fmtp: str | None) -> None:
+    """What the answer repeats from the offer must be short tokens (one line each)."""
+    for section in (audio, *others):
+        mid = section.attr("mid")
+        if mid is not None and not _TOKEN.fullmatch(mid):
+            raise SdpError("offer's a=mid is not a token of 1-32 characters")
+        if section is not audio and not _TOKEN.fullmatch(section.formats[0]):
+            raise SdpError(f"offer's {section.kind} m-line format is not a short token")
+    if fmtp is not None and not _FMTP.fullmatch(fmtp):
+        raise SdpError("offer's Opus a=fmtp is not 1-256 printable characters")
 
 
 def _pick(name: str, section: Section, session: list[tuple[str, str]]) -> str | None:
@@ -102,8 +148,9 @@ def parse_offer(text: str) -> Offer:
     opus_pt = None
     for rtpmap in audio.attrs("rtpmap"):
         pt, _, codec = rtpmap.partition(" ")
-        if codec.lower().startswith("opus/48000") and pt.isdigit() and pt in audio.formats:
-            opus_pt = int(pt)
+        number = _number(pt, 3)
+        if codec.lower().startswith("opus/48000") and pt in audio.formats and number is not None:
+            opus_pt = number
             break
     if opus_pt is None:
         raise SdpError("offer's audio has no Opus (opus/48000/2) payload type")
@@ -126,10 +173,12 @@ def parse_offer(text: str) -> Offer:
     )
     ssrc = None
     for value in audio.attrs("ssrc"):
-        head = value.split(" ", 1)[0]
-        if head.isdigit() and int(head) < 1 << 32:
-            ssrc = int(head)
+        number = _number(value.split(" ", 1)[0], 10)
+        if number is not None and number < 1 << 32:
+            ssrc = number
             break
+    others = [s for s in sections if s is not audio]
+    _check_echoed(audio, others, fmtp)
     mid = audio.attr("mid") or "0"
     return Offer(
         ufrag,
@@ -140,7 +189,7 @@ def parse_offer(text: str) -> Offer:
         opus_pt,
         fmtp,
         ssrc,
-        [s for s in sections if s is not audio],
+        others,
         any(k == "group" and v.startswith("BUNDLE") for k, v in session),
     )
 
@@ -254,8 +303,9 @@ def parse_answer(text: str) -> Answer:
     candidate = None
     for value in audio.attrs("candidate"):
         parts = value.split()
-        if len(parts) >= 8 and parts[2].lower() == "udp" and parts[5].isdigit():
-            candidate = (parts[4], int(parts[5]))
+        port = _number(parts[5], 5) if len(parts) >= 8 and parts[2].lower() == "udp" else None
+        if port is not None:
+            candidate = (parts[4], port)
             break
     if candidate is None:
         raise SdpError("answer has no UDP candidate")
@@ -265,6 +315,6 @@ def parse_answer(text: str) -> Answer:
         normalize_fingerprint(fingerprint),
         setup.strip(),
         candidate,
-        int(audio.formats[0]) if audio.formats[0].isdigit() else 111,
+        _number(audio.formats[0], 3) or 111,
         any(k == "ice-lite" for k, _ in session),
     )

@@ -1,9 +1,13 @@
 """The transceiver's I/O shell: one UDP endpoint for every session, one timer for all of them.
 
-Datagrams arrive from relay workers as envelopes. STUN checks find their session by the server
-ufrag in USERNAME (the routing token we minted); everything else by the client address, bound
-to a session by an authenticated check. Replies go back as envelopes to the relay worker that
-last sent for that client. A session's failure never touches another's state.
+Datagrams arrive from relay workers as envelopes, and only from relays: a sender outside the
+configured relay networks (`--relays`) is dropped and counted before its datagram is read.
+STUN checks find their session by the server ufrag in USERNAME (the routing token we minted);
+everything else by the client address, bound to a session by an authenticated check (the
+session's `AddressChanged` and `AddressChecked` events; at most `MAX_CLIENT_ADDRESSES` per
+call). Replies go back as envelopes to the relay worker that last sent for that client
+something the session authenticated (an unauthenticated packet never re-points a call). A
+session's failure never touches another's state.
 
 A call's voice app is the codec-free echo, or (with a `VoiceAgent`) a decoded-audio
 `CallAudio` whose events the call's `AgentCall` hands to the agent's task. Each call also has an
@@ -11,7 +15,8 @@ A call's voice app is the codec-free echo, or (with a `VoiceAgent`) a decoded-au
 session's `AddressChanged` events.
 
 After any input to a call (a datagram, its timer, its agent) the server transmits what the
-session queued, acts on its events and re-arms its timer; echo media only transmits.
+session queued, acts on its events and re-arms its timer; echo media only transmits (unless
+it moved the call to a new client address, which raises an event).
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import heapq
+import ipaddress
 import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,11 +37,12 @@ from voicerelay.net import bind_udp
 from voicerelay.transceiver import sdp
 from voicerelay.transceiver.apps import EchoApp, VoiceApp
 from voicerelay.transceiver.certificate import Certificate
-from voicerelay.transceiver.config import TransceiverConfig
+from voicerelay.transceiver.config import IpNetwork, TransceiverConfig
 from voicerelay.transceiver.feed import EventFeed
 from voicerelay.transceiver.session import (
     SECURE,
     AddressChanged,
+    AddressChecked,
     DtlsConnected,
     IceConnected,
     Session,
@@ -52,11 +60,51 @@ log = logging.getLogger("voicerelay.transceiver")
 
 
 CLIENT_CACHE_LIMIT = 65536  # envelope headers remembered (cleared whole when full)
+RELAY_CACHE_LIMIT = 1024  # relay verdicts remembered per kind (cleared whole when full)
+NOT_A_RELAY_WARNINGS = 8  # hosts named in a warning when refused; later ones only counted
+MAX_CLIENT_ADDRESSES = 8  # client addresses routed to one call (its media address kept)
 AGENT_GRACE = 5.0  # seconds an agent may take to wind down after its call ended
 
 
 class SessionLimit(Exception):
     """No room for another session."""
+
+
+class RelayFilter:
+    """Which senders may hand this transceiver envelopes: hosts in the relay networks.
+
+    `allows(host)` parses a host the first time; the verdict is remembered (`known`,
+    `refused`; each bounded), so the hot path asks only `host in known`."""
+
+    def __init__(self, networks: Iterable[IpNetwork]) -> None:
+        networks = tuple(networks)
+        self.v4 = tuple(n for n in networks if n.version == 4)
+        self.v6 = tuple(n for n in networks if n.version == 6)
+        self.known: set[str] = set()
+        self.refused: set[str] = set()
+
+    def allows(self, host: str) -> bool:
+        """True if `host` (as a socket reports it) is inside one of the relay networks."""
+        if host in self.known:
+            return True
+        if host in self.refused:
+            return False
+        verdict = self._inside(host)
+        seen = self.known if verdict else self.refused
+        if len(seen) >= RELAY_CACHE_LIMIT:
+            seen.clear()
+        seen.add(host)
+        return verdict
+
+    def _inside(self, host: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(host.partition("%")[0])  # no IPv6 scope id
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # an IPv4 relay seen through a dual-stack socket
+        networks = self.v4 if ip.version == 4 else self.v6
+        return any(ip in network for network in networks)
 
 
 @dataclass
@@ -68,8 +116,10 @@ class Call:
     session: Session
     created: float
     feed: EventFeed  # conversation events for pages
-    relay_for: dict[Addr, Addr] = field(default_factory=dict)  # client -> relay worker address
+    relay_for: dict[Addr, tuple] = field(default_factory=dict)  # client -> relay worker (as seen)
     headers: dict[Addr, bytes] = field(default_factory=dict)  # client -> its envelope header
+    clients: dict[Addr, None] = field(default_factory=dict)  # routed here, oldest first
+    media_to: Addr | None = None  # the session's media address (its last AddressChanged)
     timer: float | None = None
     connected_at: float | None = None
     secure_at: float | None = None
@@ -111,7 +161,12 @@ class TransceiverServer(asyncio.DatagramProtocol):
         self.by_client: dict[Addr, Call] = {}
         self.transport: asyncio.DatagramTransport | None = None
         self.internal_addr: Addr = config.internal
-        self.session_config = SessionConfig(consent_timeout=config.consent_timeout)
+        self.session_config = SessionConfig(
+            consent_timeout=config.consent_timeout, connect_timeout=config.connect_timeout
+        )
+        self.relay_filter = RelayFilter(config.relay_networks)
+        self._relay_hosts = self.relay_filter.known  # the hot path's view of it
+        self._warned_hosts: set[str] = set()
         self.counters: Counter[str] = Counter()
         self.closed_reasons: Counter[str] = Counter()
         self._heap: list[tuple[float, int, str]] = []
@@ -153,7 +208,7 @@ class TransceiverServer(asyncio.DatagramProtocol):
         if len(self.calls) >= self.config.max_sessions:
             raise SessionLimit(f"this transceiver is full ({self.config.max_sessions} sessions)")
         now = self.clock()
-        ufrag = self.keys.seal(self.config.cluster_id, self.internal_addr)
+        ufrag = self.keys.seal(self.config.cluster_id, self.internal_addr, time.time())
         pwd = random_ice_password()
         ssrc = int.from_bytes(os.urandom(4), "big")
         dtls_role = sdp.answer_dtls_role(offer)
@@ -242,7 +297,11 @@ class TransceiverServer(asyncio.DatagramProtocol):
         }
 
     # Datagrams --------------------------------------------------------------------------------
-    def datagram_received(self, data: bytes, relay: Addr) -> None:
+    def datagram_received(self, data: bytes, relay: tuple) -> None:
+        host = relay[0]
+        if host not in self._relay_hosts and not self.relay_filter.allows(host):
+            self._not_a_relay(host)
+            return
         client = self._clients.get(data[: envelope.HEADER_SIZE])
         if client is None:
             client = self._read_header(data)
@@ -265,19 +324,48 @@ class TransceiverServer(asyncio.DatagramProtocol):
             if call is None:
                 self.counters["drop_unknown_client"] += 1
                 return
-        relay_for = call.relay_for
-        if relay_for.get(client) != relay:  # IPv6 peers are 4-tuples: rewritten each time
-            relay_for[client] = relay[:2]
         session = call.session
+        # A new relay for this client: noted only if the session authenticates the datagram.
+        proven = -1 if call.relay_for.get(client) == relay else session.authenticated_in
         try:
             session.receive(payload, client, now)
         except Exception:  # a bug in one session must not take the process down
             log.exception("session %s failed on input; closing it", call.id)
             session.close(now, "internal-error")
-        if 127 < first < 192 and session.state == SECURE and not call.moves_timer:
+        if proven >= 0 and session.authenticated_in != proven:
+            self._repoint(call, client, relay)
+        if (
+            127 < first < 192
+            and session.state == SECURE
+            and not call.moves_timer
+            and not session.pending_events
+        ):
             self._transmit(call)  # echo media moves no timer and raises no event (see Session)
         else:
             self._after_input(call, now)
+
+    def _not_a_relay(self, host: str) -> None:
+        """Count an envelope from outside `--relays`; name the first few such hosts in the log
+        (a relay on another host that the option forgot looks exactly like this)."""
+        self.counters["drop_not_a_relay"] += 1
+        warned = self._warned_hosts
+        if len(warned) < NOT_A_RELAY_WARNINGS and host not in warned:
+            warned.add(host)
+            log.warning(
+                "dropping envelopes from %s: not in --relays %s (counted as drop_not_a_relay)",
+                host,
+                ",".join(self.config.relays),
+            )
+
+    def _repoint(self, call: Call, client: Addr, relay: tuple) -> None:
+        """Replies to `client` go through `relay` from now on. A call remembers relays for its
+        routed addresses; others are forgotten once it knows `MAX_CLIENT_ADDRESSES`."""
+        relay_for = call.relay_for
+        if client not in relay_for and len(relay_for) >= MAX_CLIENT_ADDRESSES:
+            for stale in [c for c in relay_for if c not in call.clients]:
+                del relay_for[stale]
+                call.headers.pop(stale, None)
+        relay_for[client] = relay
 
     def _read_header(self, data: bytes) -> Addr | None:
         """The client of an envelope whose header is not cached yet (None: dropped)."""
@@ -316,8 +404,11 @@ class TransceiverServer(asyncio.DatagramProtocol):
             if isinstance(event, IceConnected):
                 call.connected_at = call.connected_at or now
             elif isinstance(event, AddressChanged):
+                call.media_to = event.addr
                 if event.addr is not None:
-                    self.by_client[event.addr] = call  # nominated (or re-nominated) address
+                    self._route(call, event.addr)  # nominated, re-nominated or proven
+            elif isinstance(event, AddressChecked):
+                self._route(call, event.addr)  # its media may reach the session to prove it
             elif isinstance(event, DtlsConnected):
                 call.secure_at = now
                 call.feed.publish("call.started", now)
@@ -328,6 +419,24 @@ class TransceiverServer(asyncio.DatagramProtocol):
         if call.agent_call is not None:
             call.agent_call.deliver()
         self._schedule(call)
+
+    def _route(self, call: Call, client: Addr) -> None:
+        """Datagrams from `client` reach `call`. A call keeps at most `MAX_CLIENT_ADDRESSES`:
+        beyond, the least recently routed one other than its media address is forgotten."""
+        clients = call.clients
+        clients.pop(client, None)
+        clients[client] = None
+        self.by_client[client] = call
+        if len(clients) > MAX_CLIENT_ADDRESSES:
+            stale = next(c for c in clients if c != call.media_to)
+            self._unroute(call, stale)
+
+    def _unroute(self, call: Call, client: Addr) -> None:
+        del call.clients[client]
+        if self.by_client.get(client) is call:
+            del self.by_client[client]
+        call.relay_for.pop(client, None)
+        call.headers.pop(client, None)
 
     def _wake(self, call: Call) -> None:
         """The agent queued or dropped audio: transmit what is due, re-arm the call's timer."""
@@ -346,9 +455,8 @@ class TransceiverServer(asyncio.DatagramProtocol):
     def _reap(self, call: Call, reason: str, now: float) -> None:
         self.calls.pop(call.id, None)
         self.by_ufrag.pop(call.ufrag, None)
-        for client, owner in list(self.by_client.items()):
-            if owner is call:
-                del self.by_client[client]
+        for client in list(call.clients):
+            self._unroute(call, client)
         self.closed_reasons[reason] += 1
         if call.agent_call is not None:
             call.agent_call.audio.end(now, reason)

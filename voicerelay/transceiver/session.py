@@ -3,8 +3,8 @@
     session.receive(datagram, addr, now)      # whatever arrived for this call
     session.datagrams_to_send()               # [(datagram, addr)] to put on the wire
     session.next_timer() / handle_timer(now)  # retransmission, consent, RTCP, the app's pacing
-    session.events()                          # IceConnected, AddressChanged, DtlsConnected,
-                                              # RtpReceived, SessionClosed
+    session.events()                          # IceConnected, AddressChanged, AddressChecked,
+                                              # DtlsConnected, RtpReceived, SessionClosed
 
 Role "lite" is the server (answers checks, hands audio to the app); role "controlling" is a
 client (sends checks and media with `send_rtp`). No sockets or threads here, and every time is
@@ -14,6 +14,15 @@ mapped onto `now`, so on a fake clock a lost DTLS flight is resent after that mu
 
 `state` moves only through `TRANSITIONS`: new -> checking (a client's first check) ->
 connected (ICE selected an address) -> secure (DTLS up, SRTP keyed) -> closed (from anywhere).
+A call that is not secure within `connect_timeout` of its creation closes: never-connected.
+
+Where media goes. Until the call is secure, ICE decides (ICE-lite: the source of the latest
+authenticated USE-CANDIDATE check). Once it is secure the address is pinned, and a server
+(role "lite") follows the client to a new address only on proof from that address: SRTP or
+SRTCP that unprotects there, or DTLS application data from it; never on a STUN check alone
+(replayed checks are dropped by the ICE agent). An authenticated check from another address
+raises `AddressChecked` so that address's media can reach this session and prove itself; a
+NAT rebinding (checks and media from a new port) moves the call with its first media packet.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from voicerelay.transceiver.rtp import (
 )
 from voicerelay.transceiver.srtp import SrtpContext, srtp_context
 from voicerelay.wire.addr import Addr
+from voicerelay.wire.demux import IS_DTLS, IS_RTP, IS_STUN, RTCP_SECOND
 
 _RTP_FIELDS = struct.Struct("!HII")  # seq, timestamp, ssrc at offset 2
 COUNTER_NAMES = (
@@ -57,6 +67,10 @@ COUNTER_NAMES = (
     "dropped_wrong_address",
     "srtp_errors",
     "rtcp_errors",
+    "stun_in",
+    "dtls_in",
+    "authenticated_in",
+    "address_moves",
 )
 
 # Session states (`Session.state`), in the order a call goes through them.
@@ -88,6 +102,7 @@ def next_state(state: str, trigger: str) -> str:
 @dataclass
 class SessionConfig:
     consent_timeout: float = 30.0
+    connect_timeout: float = 10.0  # not secure this long after creation -> never-connected
     check_interval: float = 0.05
     consent_interval: float = 5.0
     mtu: int = 1200
@@ -109,6 +124,14 @@ class AddressChanged:
 
 
 @dataclass
+class AddressChecked:
+    """An authenticated, fresh ICE check came from `addr`, which is not where media goes: its
+    media may now reach this session, which moves there only once that media authenticates."""
+
+    addr: Addr
+
+
+@dataclass
 class DtlsConnected:
     profile: str
 
@@ -123,17 +146,23 @@ class SessionClosed:
     reason: str
 
 
-Event = IceConnected | AddressChanged | DtlsConnected | RtpReceived | SessionClosed
+Event = IceConnected | AddressChanged | AddressChecked | DtlsConnected | RtpReceived | SessionClosed
 
 
 class Session:
     """The whole state of one call.
 
     Media (SRTP/SRTCP in, `send_rtp` out) changes no state and, with an app whose
-    `moves_timer` is False (echo), moves no timer and raises no event: the server's hot path
-    relies on that and after such media only transmits (see `TransceiverServer.datagram_received`).
-    The app's own timer (a decoded-audio app paces its output on it) is part of `next_timer`.
-    Counters are plain attributes (named in `COUNTER_NAMES`); `counters` reads them as a dict.
+    `moves_timer` is False (echo), moves no timer and raises no event, except the rare media
+    packet that moves the call to a new client address (`AddressChanged`). The server's hot
+    path relies on that: after media that left `pending_events` (what `events()` will return,
+    a plain list so that testing it costs nothing) empty, it only transmits (see
+    `TransceiverServer.datagram_received`). The app's own timer (a decoded-audio app paces its
+    output on it) is part of `next_timer`. Counters are plain attributes (named in
+    `COUNTER_NAMES`); `counters` reads them as a dict. `authenticated_in` counts datagrams
+    that proved to come from the peer (`stun_in`: fresh authenticated STUN messages; `rtp_in`,
+    `rtcp_in`: SRTP/SRTCP that unprotected; `dtls_in`: DTLS that completed the handshake or
+    carried data): the server re-points a client's relay only after one.
     """
 
     def __init__(
@@ -155,6 +184,8 @@ class Session:
     ) -> None:
         self.config = cfg = config or SessionConfig()
         self.ice_role = ice_role
+        self._follows_peer = ice_role == "lite"  # a server follows a client that moves
+        self._connect_deadline: float | None = now + cfg.connect_timeout  # None once secure
         self.ice: IceAgent = _ice_agent(
             ice_role, local_ufrag, local_pwd, remote_ufrag, remote_pwd, remote_addr, cfg, now
         )
@@ -169,7 +200,7 @@ class Session:
         self.rx = ReceiveStats()
         self.rtt: float | None = None
         self._out: list[tuple[bytes, Addr]] = []
-        self._events: list[Event] = []
+        self.pending_events: list[Event] = []  # read-only outside: `events()` takes them
         self._next_rtcp: float | None = None
         self._media_to: Addr | None = None  # the selected address while the call is open
         self._sent_octets = 0  # RTP payload octets for sender reports (packets: rtp_out)
@@ -178,12 +209,18 @@ class Session:
         self.rtp_in = self.rtp_out = self.rtcp_in = self.rtcp_out = 0
         self.dropped_before_secure = self.dropped_unknown = self.dropped_wrong_address = 0
         self.srtp_errors = self.rtcp_errors = 0
+        self.stun_in = self.dtls_in = self.address_moves = 0
         self._ice_timer(now)  # a client's first check goes out at once
 
     def _move(self, trigger: str) -> None:
         self.state = next_state(self.state, trigger)
 
     # Inputs -----------------------------------------------------------------------------------
+    @property
+    def authenticated_in(self) -> int:
+        """Datagrams that proved to come from the peer (see the class docstring)."""
+        return self.stun_in + self.dtls_in + self.rtp_in + self.rtcp_in
+
     @property
     def counters(self) -> dict[str, int]:
         """A snapshot of this session's counters by name."""
@@ -196,11 +233,11 @@ class Session:
         self.packets_in += 1
         self.bytes_in += len(data)
         first = data[0] if data else 255  # RFC 7983 demultiplexing, media first
-        if 127 < first < 192:
+        if IS_RTP[first]:
             self._receive_media(data, addr, now)
-        elif first < 4:
+        elif IS_STUN[first]:
             self._receive_stun(data, addr, now)
-        elif 19 < first < 64:
+        elif IS_DTLS[first]:
             self._receive_dtls(data, addr, now)
         else:
             self.dropped_unknown += 1
@@ -208,23 +245,34 @@ class Session:
     def _receive_stun(self, data: bytes, addr: Addr, now: float) -> None:
         ice = self.ice
         was_connected = ice.selected is not None
-        ice.handle(data, addr, now)
+        fresh = ice.handle(data, addr, now)
         # Answers to checks (a lite agent's only output) are not in packets_out/bytes_out:
         # they never were, and the counters stay as they are.
         self._out += ice.datagrams_to_send()
-        self._set_media_to(ice.selected)
-        if not was_connected and ice.selected is not None:
-            self._on_ice_connected(now)
+        if fresh:
+            self.stun_in += 1
+        if self.srtp is None:  # until the call is secure, ICE decides where media goes
+            self._set_media_to(ice.selected)
+            if not was_connected and ice.selected is not None:
+                self._on_ice_connected(now)
+        elif fresh and addr != self._media_to and self._follows_peer:
+            self.pending_events.append(AddressChecked(addr))
 
     def _set_media_to(self, addr: Addr | None) -> None:
         if addr != self._media_to:
             self._media_to = addr
-            self._events.append(AddressChanged(addr))
+            self.pending_events.append(AddressChanged(addr))
+
+    def _follow(self, addr: Addr) -> None:
+        """The peer proved `addr` (authenticated media from it): media goes there now."""
+        self.address_moves += 1
+        self._set_media_to(addr)
+        self.ice.pin(addr)
 
     def _on_ice_connected(self, now: float) -> None:
         assert self.ice.selected is not None
         self._move(ICE_SELECTED)
-        self._events.append(IceConnected(self.ice.selected))
+        self.pending_events.append(IceConnected(self.ice.selected))
         if self.dtls.role == "client":
             self.dtls.start(now)
             self._send_dtls()
@@ -234,7 +282,11 @@ class Session:
             self.dropped_before_secure += 1
             return
         before = self.dtls.state
-        self.dtls.receive(data, now)
+        carried = self.dtls.receive(data, now)
+        if carried and self.dtls.state == dtls.CONNECTED:
+            self.dtls_in += 1  # application data: only the peer holds the keys
+            if addr != self._media_to and self._follows_peer and self.srtp is not None:
+                self._follow(addr)
         self._send_dtls()
         self._after_dtls(before, now)
 
@@ -243,10 +295,14 @@ class Session:
         if state == before:
             return
         if state == dtls.CONNECTED and self.dtls.srtp_keys is not None:
+            self.dtls_in += 1  # the handshake finished: the peer is who it said
             self.srtp = srtp_context(self.dtls.srtp_keys)
+            if self._media_to is not None:
+                self.ice.pin(self._media_to)  # from now on only proof moves it
+            self._connect_deadline = None
             self._move(DTLS_UP)
             self._next_rtcp = now + min(self.config.rtcp_first, self.config.rtcp_interval)
-            self._events.append(DtlsConnected(self.dtls.srtp_keys.profile))
+            self.pending_events.append(DtlsConnected(self.dtls.srtp_keys.profile))
         elif state == dtls.FAILED:
             self.close(now, self.dtls.error or "dtls-failed")
         elif state == dtls.CLOSED:
@@ -257,33 +313,47 @@ class Session:
         if srtp is None:
             self.dropped_before_secure += 1
             return
-        if addr != self._media_to:
+        elsewhere = addr != self._media_to
+        if elsewhere and not self._follows_peer:
             self.dropped_wrong_address += 1
             return
-        if len(data) > 1 and 191 < data[1] < 224:  # RTCP under rtcp-mux (RFC 5761)
-            self._receive_rtcp(srtp, data, now)
+        if len(data) > 1 and data[1] in RTCP_SECOND:  # RTCP under rtcp-mux (RFC 5761)
+            self._receive_rtcp(srtp, data, addr, elsewhere, now)
             return
         plain = srtp.unprotect_rtp(data)
         if plain is None or len(plain) < 12:
-            self.srtp_errors += 1
+            self._unproven(elsewhere)
             return
+        if elsewhere:
+            self._follow(addr)
         self.rtp_in += 1
         seq, timestamp, ssrc = _RTP_FIELDS.unpack_from(plain, 2)
         self.rx.add(ssrc, seq, timestamp, now)
         app = self.app
         if app is None:
-            self._events.append(RtpReceived(plain))
+            self.pending_events.append(RtpReceived(plain))
             return
         for packet in app.on_rtp(plain, now):
             self.send_rtp(packet, now)
 
-    def _receive_rtcp(self, srtp: SrtpContext, data: bytes, now: float) -> None:
+    def _receive_rtcp(
+        self, srtp: SrtpContext, data: bytes, addr: Addr, elsewhere: bool, now: float
+    ) -> None:
         plain = srtp.unprotect_rtcp(data)
         if plain is None:
-            self.srtp_errors += 1
+            self._unproven(elsewhere)
             return
+        if elsewhere:
+            self._follow(addr)
         self.rtcp_in += 1
         self._on_rtcp(plain, now)
+
+    def _unproven(self, elsewhere: bool) -> None:
+        """Media that did not unprotect: from elsewhere it proved nothing (wrong address)."""
+        if elsewhere:
+            self.dropped_wrong_address += 1
+        else:
+            self.srtp_errors += 1
 
     def _on_rtcp(self, plain: bytes, now: float) -> None:
         try:
@@ -323,8 +393,8 @@ class Session:
         self._out.append((data, addr))
 
     def _send_dtls(self) -> None:
-        """Queue what the DTLS endpoint wrote, to the selected address (dropped before ICE)."""
-        target = self.ice.selected
+        """Queue what the DTLS endpoint wrote, to the media address (dropped before ICE)."""
+        target = self._media_to
         for datagram in self.dtls.datagrams_to_send():
             if target is not None:
                 self._send(datagram, target)
@@ -334,7 +404,7 @@ class Session:
         return out
 
     def events(self) -> list[Event]:
-        out, self._events = self._events, []
+        out, self.pending_events = self.pending_events, []
         return out
 
     # Timers -----------------------------------------------------------------------------------
@@ -343,7 +413,7 @@ class Session:
             return None
         candidates = [self.ice.next_timer()]
         app_timer = self.app.next_timer() if self.app is not None and self.srtp else None
-        for t in (self.dtls.next_timer(), self._next_rtcp, app_timer):
+        for t in (self.dtls.next_timer(), self._next_rtcp, app_timer, self._connect_deadline):
             if t is not None:
                 candidates.append(t)
         return min(candidates)
@@ -351,8 +421,11 @@ class Session:
     def handle_timer(self, now: float) -> None:
         if self.state == CLOSED:
             return
+        if self._connect_deadline is not None and now >= self._connect_deadline:
+            self.close(now, "never-connected")
+            return
         if self.ice.expired(now):
-            self.close(now, "consent-expired")
+            self.close(now, "consent-expired" if self.ice.selected else "never-connected")
             return
         self._ice_timer(now)
         before = self.dtls.state
@@ -378,7 +451,8 @@ class Session:
             self._move(CHECKS_SENT)
 
     def _send_rtcp(self, now: float) -> None:
-        if self.srtp is None or self.ice.selected is None:
+        to = self._media_to
+        if self.srtp is None or to is None:
             return
         blocks = [self.rx.report_block(now)] if self.rx.received else []
         if self.rtp_out:
@@ -393,7 +467,7 @@ class Session:
         else:
             report = build_receiver_report(self.ssrc, blocks)
         self.rtcp_out += 1
-        self._send(self.srtp.protect_rtcp(report), self.ice.selected)
+        self._send(self.srtp.protect_rtcp(report), to)
 
     # Closing ----------------------------------------------------------------------------------
     def close(self, now: float, reason: str = "closed") -> None:
@@ -406,7 +480,7 @@ class Session:
         self._move(CLOSE)
         self._set_media_to(None)
         self.close_reason = reason
-        self._events.append(SessionClosed(reason))
+        self.pending_events.append(SessionClosed(reason))
 
     @property
     def stats(self) -> dict[str, Any]:

@@ -5,6 +5,11 @@
 const $ = (id) => document.getElementById(id);
 // How long ICE + DTLS may take before the page calls the call failed (?connect_timeout=s).
 const CONNECT_TIMEOUT_S = Number(new URLSearchParams(location.search).get("connect_timeout")) || 10;
+// Signaling may want a client token (docs/SIGNALING.md): the page takes it from its address's
+// fragment (#token=...), which never reaches a server, and then drops it from the address bar.
+const AUTH_REQUIRED = document.querySelector('meta[name="voicerelay-auth"]')?.content === "required";
+const TOKEN = new URLSearchParams(location.hash.slice(1)).get("token") || null;
+if (TOKEN) history.replaceState(null, "", location.pathname + location.search);
 const call = {
   pc: null, stream: null, location: null, timer: null, connectTimer: null,
   feed: null,       // the EventSource of the call's conversation events
@@ -29,8 +34,13 @@ function showError(message) {
   if (message) setState("failed", "failed");
 }
 
+// Authorization for signaling requests, when the page has a client token.
+function authHeaders() {
+  return TOKEN ? { Authorization: "Bearer " + TOKEN } : {};
+}
+
 function setInCall(inCall) {
-  $("talk").disabled = inCall;
+  $("talk").disabled = inCall || (AUTH_REQUIRED && !TOKEN);
   $("conversation-empty").textContent = inCall
     ? "Listening: say something. (The echo app only plays your voice back, so nothing shows here with it.)"
     : "Press Talk and say something: what you say and what the agent answers appears here.";
@@ -106,7 +116,7 @@ async function talk() {
   let resp, body;
   try {
     resp = await fetch("/v1/sessions", {
-      method: "POST", headers: { "Content-Type": "application/sdp" }, body: offer,
+      method: "POST", headers: { "Content-Type": "application/sdp", ...authHeaders() }, body: offer,
     });
     body = await resp.text();
   } catch (err) {
@@ -117,6 +127,7 @@ async function talk() {
   if (resp.status !== 201) {
     hangup(false, true);
     showError(`Signaling refused the call: HTTP ${resp.status} ${body.trim()}`);
+    if (resp.status === 401) $("auth-needed").hidden = false; // how to get a (new) token
     return;
   }
   call.location = resp.headers.get("Location");
@@ -191,7 +202,9 @@ async function hangup(sendDelete = true, failed = false) {
   // DELETE before closing the peer connection: the session ends as "deleted", not by the
   // DTLS close that pc.close() sends.
   if (sendDelete && where) {
-    try { await fetch(where, { method: "DELETE" }); } catch (err) { /* the page is closing */ }
+    try {
+      await fetch(where, { method: "DELETE", headers: authHeaders() });
+    } catch (err) { /* the page is closing */ }
   }
   if (pc) pc.close();
   if (stream) stream.getTracks().forEach((t) => t.stop());
@@ -219,7 +232,9 @@ function resetConversation() {
 // The session's events: its Location (relative to this page) + "/events".
 function openFeed(sessionLocation) {
   closeFeed();
-  const source = new EventSource(new URL(sessionLocation + "/events", location.href));
+  const url = new URL(sessionLocation + "/events", location.href);
+  if (TOKEN) url.searchParams.set("token", TOKEN); // EventSource cannot send headers
+  const source = new EventSource(url);
   call.feed = source;
   source.onmessage = (message) => {
     let event;
@@ -404,3 +419,4 @@ $("talk").addEventListener("click", talk);
 $("hangup").addEventListener("click", () => hangup(true));
 resetMeters();
 setInCall(false);
+$("auth-needed").hidden = !(AUTH_REQUIRED && !TOKEN);

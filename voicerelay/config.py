@@ -3,7 +3,9 @@ default addresses, and the rules both the relay and the transceiver apply."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 DEFAULT_HOST = "127.0.0.1"
@@ -37,3 +39,29 @@ def check_cluster_id(cluster_id: int) -> None:
     """The cluster id routing tokens carry (u16); ConfigError if out of range."""
     if not 0 <= cluster_id <= 65535:
         raise ConfigError(f"cluster id {cluster_id} is out of range: use 0-65535")
+
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(
+    entries: str | Iterable[str], option: str, example: str = "10.0.0.0/8,fd00::/8"
+) -> tuple[IpNetwork, ...]:
+    """Addresses or CIDR networks (a list, or one comma-separated string: `10.0.0.7`,
+    `10.0.0.0/8`, `fd00::/8`); a one-line ConfigError naming `option` for a bad entry or an
+    empty list."""
+    if isinstance(entries, str):
+        entries = entries.split(",")
+    networks = []
+    for entry in (e.strip() for e in entries):
+        if not entry:
+            continue  # "a,,b" or a trailing comma
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"{option} entry {entry!r} is not an IP address or network: write e.g. {example}"
+            ) from None
+    if not networks:
+        raise ConfigError(f"{option} is empty: list e.g. {example}")
+    return tuple(networks)

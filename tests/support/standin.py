@@ -10,6 +10,7 @@ import time
 from collections import defaultdict
 
 from voicerelay.wire import envelope, stun
+from voicerelay.wire.demux import IS_STUN
 from voicerelay.wire.token import TokenKeys
 
 Move = tuple[float, tuple[str, int], tuple[str, int] | None, tuple[str, int]]
@@ -71,7 +72,7 @@ class StandIn:
                 if previous != worker:
                     self.moves.append((time.monotonic(), client, previous, worker))
                 self.workers[client] = worker
-            if self.echo and payload and payload[0] > 3:
+            if self.echo and payload and not IS_STUN[payload[0]]:
                 self.sock.sendto(envelope.pack(client, b"E" + payload), worker)
 
     def reply(self, client: tuple[str, int], payload: bytes) -> None:

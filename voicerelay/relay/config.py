@@ -15,12 +15,13 @@ from voicerelay.config import (
     DEFAULT_INTERNAL_PORT_BASE,
     DEFAULT_PUBLIC_PORT,
     ConfigError,
+    IpNetwork,
     check_cluster_id,
     default_state_dir,
+    parse_networks,
     secret_path,
 )
 
-IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Where transceivers may live (checked on snapshot restore): loopback, RFC 1918, ULA. Never a
 # public network by default: a restored flow must not make the relay send to the Internet.
 DEFAULT_TRANSCEIVER_NETWORKS = (
@@ -31,25 +32,6 @@ DEFAULT_TRANSCEIVER_NETWORKS = (
     "192.168.0.0/16",
     "fc00::/7",
 )
-
-
-def parse_networks(entries: tuple[str, ...] | list[str] | str) -> tuple[IpNetwork, ...]:
-    """CIDR networks or addresses (a list, or one comma-separated string); a one-line
-    ConfigError naming --transceiver-networks for a bad entry or an empty list."""
-    if isinstance(entries, str):
-        entries = entries.split(",")
-    networks = []
-    for entry in (e.strip() for e in entries):
-        try:
-            networks.append(ipaddress.ip_network(entry, strict=False))
-        except ValueError:
-            raise ConfigError(
-                f"--transceiver-networks entry {entry!r} is not a CIDR network: write e.g. "
-                "10.0.0.0/8,fd00::/8"
-            ) from None
-    if not networks:
-        raise ConfigError("--transceiver-networks is empty: list e.g. 10.0.0.0/8")
-    return tuple(networks)
 
 
 def check_redis_url(url: str) -> None:
@@ -187,7 +169,9 @@ class RelayConfig:
         if self.redis_url is not None:
             check_redis_url(self.redis_url)
         self._validate_admission()
-        self.transceiver_networks = tuple(str(n) for n in parse_networks(self.transceiver_networks))
+        self.transceiver_networks = tuple(
+            str(n) for n in parse_networks(self.transceiver_networks, "--transceiver-networks")
+        )
 
     def _validate_admission(self) -> None:
         ranges = (

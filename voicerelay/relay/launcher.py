@@ -56,6 +56,7 @@ class Launcher:
         seal = snapshot.seal_for(cfg)
         store = snapshot.open_store(cfg)
         self.table = FlowTable.create(cfg.shm_name, cfg.workers, cfg.capacity, time.monotonic())
+        self.supervisor.on_exit = self.table.bump_generation  # survivors adopt its clients
         self.counters = CounterArray.create(cfg.counters_name, cfg.workers, COUNTER_FIELDS)
         self.restore = snapshot.restore(
             self.table,

@@ -42,8 +42,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from voicerelay.config import ConfigError
-from voicerelay.relay.config import DEFAULT_TRANSCEIVER_NETWORKS, IpNetwork, RelayConfig
+from voicerelay.config import ConfigError, IpNetwork
+from voicerelay.relay.config import DEFAULT_TRANSCEIVER_NETWORKS, RelayConfig
 from voicerelay.shm.flowtable import FlowRecord, FlowTable, TableFull, client_key
 from voicerelay.wire.addr import Addr
 

@@ -19,7 +19,7 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +102,8 @@ class Supervisor:
     """Keeps `config.workers` worker processes running until `stop`.
 
     `close_in_worker`: descriptors a forked worker must not keep (the launcher's pid-file lock).
+    `on_exit`: called when a worker has exited (the launcher tells the surviving workers, so
+    they adopt its clients at once instead of when a replacement starts).
     """
 
     def __init__(
@@ -109,8 +111,10 @@ class Supervisor:
         config: RelayConfig,
         backoff: Backoff | None = None,
         close_in_worker: Sequence[int] = (),
+        on_exit: Callable[[], object] | None = None,
     ) -> None:
         self.config = config
+        self.on_exit = on_exit
         template = backoff or Backoff()
         self.slots = [
             WorkerSlot(i, Backoff(template.first, template.cap, template.stable_after))
@@ -286,6 +290,8 @@ class Supervisor:
         with contextlib.suppress(ValueError):  # not reaped yet: multiprocessing reaps it later
             process.close()
         slot.process = None
+        if self.on_exit is not None:
+            self.on_exit()
         delay = slot.backoff.exited(slot.started_at, now)
         ran = now - slot.started_at
         self._note(slot, f"(pid {slot.pid}) exited after {ran:.2f} s: {reason}", reason, delay)

@@ -93,11 +93,14 @@ class Worker:
         self.index = index
         self.table = FlowTable.attach(config.shm_name)
         self.counters = CounterArray.attach(config.counters_name)
-        self.public_sock = bind_udp(config.listen_host, config.listen_port, reuse_port=True)
+        # Everything that can fail first: the public port group is joined last, so a worker
+        # that cannot start never takes a share of the clients' packets with it.
         self.internal_sock = bind_udp(*config.internal_addr(index), reuse_port=False)
+        keys = load_keys(config.secret_path)
+        self.public_sock = bind_udp(config.listen_host, config.listen_port, reuse_port=True)
         now = time.monotonic()
         self.router = RelayRouter(
-            load_keys(config.secret_path),
+            keys,
             self.table,
             index,
             cluster_id=config.cluster_id,

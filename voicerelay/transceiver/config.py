@@ -13,35 +13,17 @@ from voicerelay.config import (
     DEFAULT_PUBLIC_PORT,
     DEFAULT_TRANSCEIVER_PORT,
     ConfigError,
+    IpNetwork,
     check_cluster_id,
     default_state_dir,
+    parse_networks,
     secret_path,
 )
 from voicerelay.transceiver.auth import API_KEY_FILE, check_api_key, parse_origins
 from voicerelay.transceiver.ratelimit import DEFAULT_BURST, DEFAULT_RATE
 from voicerelay.wire.addr import Addr
 
-IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_RELAYS = ("127.0.0.0/8", "::1/128")  # the local stack's relay sends from loopback
-
-
-def parse_networks(entries: tuple[str, ...] | list[str], option: str) -> tuple[IpNetwork, ...]:
-    """Addresses or CIDR networks (`10.0.0.7`, `10.0.0.0/8`, `fd00::/8`); a one-line
-    ConfigError naming `option` for anything else or for an empty list."""
-    networks = []
-    for entry in entries:
-        if not entry.strip():
-            continue  # "a,,b" or a trailing comma
-        try:
-            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
-        except ValueError:
-            raise ConfigError(
-                f"{option} entry {entry.strip()!r} is not an IP address or network: "
-                "write e.g. 10.0.0.0/8,192.0.2.7"
-            ) from None
-    if not networks:
-        raise ConfigError(f"{option} is empty: list the relays' addresses, e.g. 127.0.0.0/8")
-    return tuple(networks)
 
 
 @dataclass
@@ -88,7 +70,9 @@ class TransceiverConfig:
                 f"--connect-timeout {self.connect_timeout} is out of range: use 0.5-3600 s"
             )
         relays = self.relays.split(",") if isinstance(self.relays, str) else self.relays
-        self.relays = tuple(str(n) for n in parse_networks(relays, "--relays"))
+        self.relays = tuple(
+            str(n) for n in parse_networks(relays, "--relays", "127.0.0.0/8,10.1.2.3")
+        )
         if not 1 <= self.max_sessions <= 1_000_000:
             raise ConfigError(f"max sessions {self.max_sessions} is out of range: use 1-1000000")
         if self.agent_url is not None and not self.agent_url.startswith(("ws://", "wss://")):

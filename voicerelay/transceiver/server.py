@@ -33,11 +33,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from voicerelay.config import IpNetwork
 from voicerelay.net import bind_udp
 from voicerelay.transceiver import sdp
 from voicerelay.transceiver.apps import EchoApp, VoiceApp
 from voicerelay.transceiver.certificate import Certificate
-from voicerelay.transceiver.config import IpNetwork, TransceiverConfig
+from voicerelay.transceiver.config import TransceiverConfig
 from voicerelay.transceiver.feed import EventFeed
 from voicerelay.transceiver.session import (
     SECURE,
@@ -54,6 +55,7 @@ from voicerelay.voice.bridge import BridgeConfig, RealtimeBridge
 from voicerelay.voice.pipeline import AudioConfig, CallAudio
 from voicerelay.wire import envelope, stun
 from voicerelay.wire.addr import Addr
+from voicerelay.wire.demux import IS_RTP, IS_STUN
 from voicerelay.wire.token import TokenKeys
 
 log = logging.getLogger("voicerelay.transceiver")
@@ -313,7 +315,7 @@ class TransceiverServer(asyncio.DatagramProtocol):
             return
         now = self.clock()
         first = payload[0]
-        if first <= 3:
+        if IS_STUN[first]:
             ufrag = stun.binding_server_ufrag(payload)
             call = self.by_ufrag.get(ufrag) if ufrag is not None else self.by_client.get(client)
             if call is None:
@@ -335,7 +337,7 @@ class TransceiverServer(asyncio.DatagramProtocol):
         if proven >= 0 and session.authenticated_in != proven:
             self._repoint(call, client, relay)
         if (
-            127 < first < 192
+            IS_RTP[first]
             and session.state == SECURE
             and not call.moves_timer
             and not session.pending_events

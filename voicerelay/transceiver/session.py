@@ -50,7 +50,7 @@ from voicerelay.transceiver.rtp import (
 )
 from voicerelay.transceiver.srtp import SrtpContext, srtp_context
 from voicerelay.wire.addr import Addr
-from voicerelay.wire.demux import IS_DTLS, IS_RTP, IS_STUN, RTCP_SECOND
+from voicerelay.wire.demux import IS_DTLS, IS_RTCP_SECOND, IS_RTP, IS_STUN
 
 _RTP_FIELDS = struct.Struct("!HII")  # seq, timestamp, ssrc at offset 2
 COUNTER_NAMES = (
@@ -317,7 +317,7 @@ class Session:
         if elsewhere and not self._follows_peer:
             self.dropped_wrong_address += 1
             return
-        if len(data) > 1 and data[1] in RTCP_SECOND:  # RTCP under rtcp-mux (RFC 5761)
+        if len(data) > 1 and IS_RTCP_SECOND[data[1]]:  # RTCP under rtcp-mux (RFC 5761)
             self._receive_rtcp(srtp, data, addr, elsewhere, now)
             return
         plain = srtp.unprotect_rtp(data)

@@ -43,6 +43,8 @@ IS_STUN = bytes(b in STUN_FIRST for b in range(256))
 IS_DTLS = bytes(b in DTLS_FIRST for b in range(256))
 IS_RTP = bytes(b in RTP_FIRST for b in range(256))
 """1 at the first bytes of that kind, else 0: `IS_RTP[data[0]]` for a non-empty datagram."""
+IS_RTCP_SECOND = bytes(b in RTCP_SECOND for b in range(256))
+"""1 at the second bytes of RTCP: `IS_RTCP_SECOND[data[1]]` for RTP-kind data of 2+ bytes."""
 
 
 def classify(data: bytes) -> PacketKind:
@@ -52,4 +54,4 @@ def classify(data: bytes) -> PacketKind:
 
 def is_rtcp(data: bytes) -> bool:
     """True for RTCP under rtcp-mux (RFC 5761: second byte 192..223)."""
-    return len(data) >= 2 and data[0] in RTP_FIRST and data[1] in RTCP_SECOND
+    return len(data) >= 2 and IS_RTP[data[0]] == 1 and IS_RTCP_SECOND[data[1]] == 1

@@ -57,8 +57,10 @@ class Clock:
             self.audio.on_rtp(packet, self.now)
 
 
-def _audio(**config) -> CallAudio:
-    audio = CallAudio(ssrc=4242, payload_type=PT, config=AudioConfig(agent_rate=16000, **config))
+def _audio(agent_rate: int = 16000, **config) -> CallAudio:
+    audio = CallAudio(
+        ssrc=4242, payload_type=PT, config=AudioConfig(agent_rate=agent_rate, **config)
+    )
     audio.start(0.0)
     return audio
 
@@ -92,7 +94,7 @@ def test_lost_packets_are_concealed_or_recovered_and_time_keeps_flowing():
     clock.feed(kept)
     clock.advance(clock.now + 0.2)
     frames = [e for e in audio.events() if isinstance(e, AudioIn)]
-    assert len(frames) == len(packets) - 1  # every frame but the last (nothing after it)
+    assert len(frames) == len(packets)  # every frame: at 16 kHz Opus decodes without a resampler
     lost = len(packets) - len(kept)
     assert audio.stats["concealed"] + audio.stats["recovered"] == lost - 0
     assert audio.stats["recovered"] > 0  # in-band FEC rebuilt some
@@ -155,3 +157,31 @@ def test_arbitrary_rtp_never_raises(payloads):
         audio.on_rtp(data, i * 0.02)
         audio.handle_timer(i * 0.02)
     audio.events()
+
+
+def test_an_agent_rate_opus_lacks_goes_through_resamplers_both_ways():
+    audio = _audio(agent_rate=22050)
+    assert audio.codec_rate == 48000 and audio.to_agent is not None
+    clock = Clock(audio)
+    said = speech("hello there")
+    clock.feed(_packets(np.concatenate([said, silence(0.6)])))
+    frames = [e for e in audio.events() if isinstance(e, AudioIn)]
+    assert frames and all(f.pcm.size == 441 for f in frames)  # 20 ms at 22.05 kHz
+    tone = (np.sin(np.arange(22050) * 2 * np.pi * 500 / 22050) * 8000).astype(np.int16)
+    audio.play(tone, "item", clock.now)
+    audio.finish("item", clock.now)
+    clock.advance(clock.now + 1.5)
+    decoded = np.concatenate([OpusDecoder().decode(parse_rtp(p).payload) for _, p in clock.sent])
+    assert 0.95 <= decoded.size / 48000 <= 1.05  # a second of audio went out, resampled to 48 k
+
+
+def test_the_default_agent_rate_needs_no_resampler_and_stamps_on_the_48k_clock():
+    audio = _audio(agent_rate=24000)
+    assert audio.codec_rate == 24000 and audio.to_agent is None and audio.from_agent is None
+    clock = Clock(audio)
+    audio.play(np.full(24000, 2000, dtype=np.int16), "item", 0.0)
+    audio.finish("item", 0.0)
+    clock.advance(1.5)
+    stamps = [parse_rtp(p).timestamp for _, p in clock.sent]
+    assert len(stamps) == 50
+    assert all((b - a) % 2**32 == 960 for a, b in zip(stamps, stamps[1:], strict=False))

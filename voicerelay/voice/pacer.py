@@ -9,8 +9,10 @@ Agent audio is cut into frames as it is enqueued and goes out one frame per slot
   One popped a frame or more late (a late timer: counted `late_slots`) goes out in a slot
   re-anchored at the pop's `now`, and the next is due one frame after it: never a catch-up
   burst.
-- RTP timestamp of a frame = max(previous + frame_samples, round((slot - t0) * rate)) mod 2**32:
-  continuous across pauses (a pause advances it by the time that passed), never backwards.
+- RTP timestamp of a frame, in `clock_rate` units (default: `rate`; Opus's RTP clock is 48 kHz
+  whatever rate the audio is at) = max(previous + one frame, round((slot - t0) * clock_rate))
+  mod 2**32: continuous across pauses (a pause advances it by the time that passed), never
+  backwards.
 - `marker` is set on the first frame of a talkspurt: the first ever, the first after clear(),
   and the first after the queue ran dry and a slot went by without audio.
 - `underruns`: the queue ran dry while its item was unfinished and a slot went by before more
@@ -48,11 +50,18 @@ class Pacer:
     """Queues agent audio in frames and releases at most one per frame duration."""
 
     def __init__(
-        self, *, rate: int = 48000, frame_samples: int = 960, max_queued_s: float = 300.0
+        self,
+        *,
+        rate: int = 48000,
+        frame_samples: int = 960,
+        max_queued_s: float = 300.0,
+        clock_rate: int | None = None,
     ) -> None:
         if rate <= 0 or frame_samples <= 0 or max_queued_s <= 0:
             raise ValueError("pacer: rate, frame_samples and max_queued_s must be positive")
         self.rate = rate
+        self.clock_rate = clock_rate or rate
+        self.frame_ticks = round(frame_samples * self.clock_rate / rate)  # one frame on the clock
         self.frame_samples = frame_samples
         self.frame_duration = frame_samples / rate
         self.frame_ms = round(frame_samples * 1000 / rate)
@@ -161,8 +170,8 @@ class Pacer:
 
     def _stamp(self, slot: float) -> int:
         assert self._t0 is not None
-        clock = round((slot - self._t0) * self.rate)
-        self._ts = clock if self._ts is None else max(self._ts + self.frame_samples, clock)
+        clock = round((slot - self._t0) * self.clock_rate)
+        self._ts = clock if self._ts is None else max(self._ts + self.frame_ticks, clock)
         return self._ts
 
     def _account_sent(self, item: str | None) -> bool:

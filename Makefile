@@ -16,10 +16,15 @@ $(VENV)/.test: $(VENV)/.runtime pyproject.toml
 	$(PIP) install -q -e '.[agent,test]'
 	touch $@
 
-install-system:            ## Debian packages: redis-server, chromium (tests), espeak-ng (the agent)
+install-system:            ## Debian packages: redis-server, chromium, firefox-esr, nftables, node (tests), espeak-ng (the agent)
 	bash scripts/install-system-deps.sh
 
-install: install-system $(VENV)/.test   ## everything: system packages, venv, test deps
+WERIFT := tests/e2e/werift
+$(WERIFT)/node_modules/.installed: $(WERIFT)/package.json $(WERIFT)/package-lock.json
+	npm ci --prefix $(WERIFT) --no-audit --no-fund --loglevel=error
+	touch $@
+
+install: install-system $(VENV)/.test $(WERIFT)/node_modules/.installed   ## everything: system packages, venv, test deps (werift from npm)
 
 run: $(VENV)/.runtime      ## the whole local stack on embedded defaults (installs espeak-ng if missing)
 	@command -v espeak-ng >/dev/null 2>&1 || bash scripts/install-system-deps.sh espeak-ng
@@ -31,7 +36,8 @@ test: install              ## install everything, then the default suite
 # The pure tests of tests/relay and tests/cli (their other files start relays and stacks).
 RELAY_UNIT := tests/relay/test_router.py tests/relay/test_mmsg.py tests/relay/test_control.py \
               tests/relay/test_net.py tests/relay/test_spawn.py
-CLI_UNIT   := tests/cli/test_options.py tests/cli/test_turns.py
+CLI_UNIT   := tests/cli/test_options.py tests/cli/test_turns.py tests/cli/test_addresses.py \
+              tests/cli/test_https.py
 
 test-fast: $(VENV)/.test   ## unit tests only (no relay processes, no browser)
 	$(PY) -m pytest -q tests/wire tests/shm $(RELAY_UNIT) $(CLI_UNIT) tests/transceiver -m 'not browser'
@@ -47,4 +53,4 @@ lint: $(VENV)/.test
 	$(VENV)/bin/ruff format --check voicerelay tests bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis bench/build bench/results
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis bench/build bench/results $(WERIFT)/node_modules

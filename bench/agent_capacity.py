@@ -178,6 +178,8 @@ def agent_stack(profile: Path | None = None, nice: int = 0) -> Iterator[Stack]:
             state,
             "--agent-url",
             f"ws://127.0.0.1:{backend_port}/v1/realtime",
+            "--session-rate",
+            "0",  # a load client places calls faster than people
         ]
         if profile is None:
             trx_cmd = [*RELAYCTL, *trx_cmd]
@@ -263,6 +265,13 @@ class TalkingLoad(LoadClient):
         self.calls.append(call)
         self.live.append(call)
 
+    def _tick(self) -> None:
+        # uvloop's loop.time() moves in whole milliseconds while `_next` gathers float error
+        # upwards (x.568000000001 > x.568): unsnapped, each sub-tick spins for a millisecond
+        # (call_at fires at once, `_next <= now` stays false). Snap it to the microsecond.
+        self._next = round(self._next, 6)
+        super()._tick()
+
     def _send_phase(self) -> None:
         if self._phase == 0:
             self._timestamp = (self._timestamp + RTP_TICKS) & 0xFFFFFFFF
@@ -326,17 +335,15 @@ def jitter_p99_ms(histogram: np.ndarray) -> float:
 
 
 class StepMeters:
-    """CPU of the transceiver, the backend and this load client, and of both cores; a profiled
-    transceiver profiles exactly this interval."""
+    """CPU of the transceiver, the backend and this load client; a profiled transceiver profiles
+    exactly this interval."""
 
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
         self.transceiver = harness.CpuMeter([stack.transceiver.pid])
         self.backend = harness.CpuMeter([stack.backend.pid])
         self.client = harness.CpuMeter([os.getpid()])
-        self.test_core = CoreMeter(stack.test_core)
-        self.driver_core = CoreMeter(stack.driver_core)
-        self._all = (self.transceiver, self.backend, self.client, self.test_core, self.driver_core)
+        self._all = (self.transceiver, self.backend, self.client)
 
     def start(self) -> StepMeters:
         if self.stack.profile is not None:
@@ -364,7 +371,7 @@ class Step:
     trx_us_per_frame: float  # transceiver CPU per 20 ms frame handled (in + out)
     backend_cpu: float
     client_cpu: float
-    others_test_core: float  # processes not ours on the transceiver's core (should be ~0)
+    others_test_core: float  # processes not ours on the transceiver's core, whole step (~0)
     frames_in: int
     frames_out: int
     out_share: float  # frames out per frame in: how much of the time replies play
@@ -430,6 +437,8 @@ async def run_step(
     agent_before = (await asyncio.to_thread(stack.stats))["agent"]
     before = await session_totals(client.http, client.calls)  # quiescent: nobody talks
     histogram_before = client.histogram.copy()
+    step_trx = harness.CpuMeter([stack.transceiver.pid]).start()  # late frames count over the
+    step_core = CoreMeter(stack.test_core).start()  # whole step: so do others on its core
     client.start_ticker()
     await asyncio.sleep(args.warmup)
     ticks0, missed0 = client.ticks, client.missed_ticks
@@ -441,6 +450,8 @@ async def run_step(
     ticks, missed = client.ticks - ticks0, client.missed_ticks - missed0
     client.stop_ticker()
     await play_out(client)
+    step_trx.stop()
+    step_core.stop()
     totals = counter_diff(await session_totals(client.http, client.calls), before)
     agent = counter_diff((await asyncio.to_thread(stack.stats))["agent"], agent_before)
     return step_figures(
@@ -452,6 +463,7 @@ async def run_step(
         agent=agent,
         jitter_p99=jitter_p99_ms(client.histogram - histogram_before),
         missed_ticks=missed / max(1, ticks + missed),
+        others=max(0.0, step_core.busy - step_trx.utilisation),
     )
 
 
@@ -465,6 +477,7 @@ def step_figures(
     agent: dict[str, int],
     jitter_p99: float,
     missed_ticks: float,
+    others: float,
 ) -> Step:
     """A step's figures: CPU from the window, frames, lateness and loss from the whole step."""
     trx = meters.transceiver
@@ -478,7 +491,7 @@ def step_figures(
         trx_us_per_frame=1e6 * trx.cpu / max(1, window_frames),
         backend_cpu=meters.backend.utilisation,
         client_cpu=meters.client.utilisation,
-        others_test_core=max(0.0, meters.test_core.busy - trx.utilisation),
+        others_test_core=others,
         frames_in=frames_in,
         frames_out=frames_out,
         out_share=frames_out / max(1, frames_in),

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Installs the Debian packages voicerelay drives for real: redis-server and chromium (tests) and
+# Installs the Debian packages voicerelay drives for real: redis-server, chromium, firefox-esr,
+# nftables and node with npm (tests: browsers and werift on other hosts, blocked UDP) and
 # espeak-ng (the reference agent's voice). With package names as arguments, only those.
-# Idempotent: installs only what is missing.
+# Idempotent: installs only what is missing (a node already on the machine is kept).
 set -euo pipefail
 want=("$@")
-[ ${#want[@]} -eq 0 ] && want=(redis-server chromium espeak-ng)
+[ ${#want[@]} -eq 0 ] && want=(redis-server chromium espeak-ng firefox-esr nftables nodejs npm)
 need=()
 for pkg in "${want[@]}"; do
   case "$pkg" in
     chromium) [ -x /usr/bin/chromium ] || need+=(chromium) ;;
+    nftables) command -v nft >/dev/null 2>&1 || need+=(nftables) ;;
+    nodejs) command -v node >/dev/null 2>&1 || need+=(nodejs) ;;
     *) command -v "$pkg" >/dev/null 2>&1 || need+=("$pkg") ;;
   esac
 done

@@ -417,7 +417,10 @@ def test_silence_that_stays_silent_fails_but_the_recording_is_written(echo_stack
     assert result.returncode == 1, result.stdout + result.stderr
     report = json.loads(result.stdout)
     assert report["connected"] and not report["audio_came_back"]
-    assert report["error"] == "no audio came back within 1 s after the recording ended"
+    assert report["step"] == "media"
+    assert report["error"].startswith(
+        "media: no audio came back within 1 s after the recording ended: the call is up"
+    )
     assert report["frames_received"] > 25  # the silence did come back
     samples, rate = decode_wav(out.read_bytes())
     assert rate == SAMPLE_RATE and samples.shape[0] >= (report["played_s"] + 1) * SAMPLE_RATE
@@ -432,7 +435,7 @@ def test_a_call_that_never_connects_is_one_line_and_writes_nothing(no_relay, tmp
         [*RELAYCTL, "call", no_relay.url, *args], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 1
-    assert result.stdout.startswith("call failed: no audio flowed within 1.5 s (state ")
+    assert result.stdout.startswith("call failed: ICE did not connect within 1.5 s (ICE ")
     assert len(result.stdout.splitlines()) == 1 and not out.exists()
     assert "Traceback" not in result.stdout + result.stderr
 

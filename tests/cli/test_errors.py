@@ -56,7 +56,37 @@ def run(args: list[str], tmp_path, env: dict[str, str] | None = None):
         (["start", "--state-dir", "{tmp}/a-file"], {}, "choose a writable directory"),
         (["up", "--state-dir", "{tmp}/a-file"], {}, "choose a writable directory"),
         # up
-        (["up", "--host", "localhost"], {}, "--host 'localhost' is not an IP address"),
+        (["up", "--host", "localhost"], {}, "--bind 'localhost' is not an IP address"),
+        # up: bind and advertise (nothing is started: the check comes first)
+        (["up", "--bind", "0.0.0.0"], {}, "list the addresses clients reach with --advertise"),
+        (["up", "--advertise", "::"], {}, "--advertise :: is a wildcard"),
+        (["up", "--advertise", "224.0.0.1"], {}, "--advertise 224.0.0.1 is not a unicast"),
+        (["up", "--advertise", "fe80::1"], {}, "--advertise fe80::1 is link-local"),
+        (["up", "--advertise", "nope"], {}, "--advertise 'nope' is not an IP address"),
+        (
+            ["up", "--advertise", "10.77.0.1"],
+            {},
+            "--advertise 10.77.0.1 cannot reach the relay bound to loopback 127.0.0.1",
+        ),
+        (["up", "--bind", "127.0.0.1", "--advertise", "::1"], {}, "the relay binds IPv4"),
+        (
+            ["up", "--relay-bind", "::"],
+            {},
+            "the relay binds the wildcard ::, which answers cannot name",
+        ),
+        (["up"], {"VOICERELAY_ADVERTISE": "0.0.0.0"}, "(value from VOICERELAY_ADVERTISE)"),
+        (["up", "--cert", "{tmp}/a-file"], {}, "--cert and --key go together"),
+        (
+            ["up", "--cert", "{tmp}/a-file", "--key", "{tmp}/a-file"],
+            {},
+            "cannot be used",
+        ),
+        (
+            ["transceiver", "--relay-public", "127.0.0.1:3478,0.0.0.0:3478"],
+            {},
+            "--relay-public 0.0.0.0 is a wildcard",
+        ),
+        (["call", "--local-address", "0.0.0.0"], {}, "--local-address"),
         (["up", "--public-port", "0"], {}, "--public-port 0 is out of range: use 1-65535"),
         (["up", "--workers", "0"], {}, "workers 0 is out of range: use 1-256"),
         (["up"], {"VOICERELAY_HTTP_PORT": "99999"}, "--http-port 99999 is out of range"),

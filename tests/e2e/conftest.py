@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.netns import url_host
 from tests.support.procs import (
     RELAYCTL,
     RelayProcess,
@@ -33,7 +34,8 @@ class UpStack:
         self.internal_base = free_ports(2)
         self.transceiver_port = free_ports(1)
         self.http_port = free_ports(1, socket.SOCK_STREAM)
-        self.url = f"http://127.0.0.1:{self.http_port}"
+        bind = self.extra[self.extra.index("--bind") + 1] if "--bind" in self.extra else "127.0.0.1"
+        self.url = f"http://{url_host(bind)}:{self.http_port}"  # signaling listens on --bind
         self.output = state_dir / "up.out"
         self.proc: subprocess.Popen | None = None
 
@@ -59,6 +61,9 @@ class UpStack:
                     self.app,
                     "--agent-port",
                     str(self.agent_port),
+                    # Explicit addresses: a test never advertises this machine's interfaces.
+                    *(() if "--bind" in self.extra else ("--bind", "127.0.0.1")),
+                    *(() if "--advertise" in self.extra else ("--advertise", "127.0.0.1")),
                     *self.extra,
                 ],
                 env=env,

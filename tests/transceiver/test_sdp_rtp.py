@@ -237,15 +237,14 @@ def test_build_offer_round_trips(ufrag, pwd, ssrc, pt):
 def test_aiortc_offer_parses_and_aiortc_accepts_our_answer():
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-    from voicerelay.cli.call_client import loopback_only_ice
-
-    loopback_only_ice()
+    from voicerelay.cli.call_client import gathering_from
 
     async def roundtrip():
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         pc.addTransceiver("audio", direction="sendrecv")
         pc.createDataChannel("chat")  # an extra section we must reject cleanly
-        await pc.setLocalDescription(await pc.createOffer())
+        with gathering_from(["127.0.0.1"]):
+            await pc.setLocalDescription(await pc.createOffer())
         offer = sdp.parse_offer(pc.localDescription.sdp)
         answer = sdp.build_answer(
             offer,
@@ -253,18 +252,77 @@ def test_aiortc_offer_parses_and_aiortc_accepts_our_answer():
             ice_pwd="p" * 24,
             fingerprint="sha-256 " + ":".join(["AB"] * 32),
             dtls_role="server",
-            candidate=("127.0.0.1", 3478),
+            candidate=[("::1", 3478), ("127.0.0.1", 3478)],
             ssrc=99,
             cname="x",
         )
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
         directions = [t.currentDirection for t in pc.getTransceivers()]
+        ice = pc.getTransceivers()[0].receiver.transport.transport
+        candidates = (
+            [(c.ip, c.port) for c in ice.iceGatherer.getLocalCandidates()],
+            [(c.ip, c.port) for c in ice.getRemoteCandidates()],
+        )
         await pc.close()
-        return offer, directions
+        return offer, directions, candidates
 
-    offer, directions = asyncio.run(roundtrip())
+    offer, directions, (local, remote) = asyncio.run(roundtrip())
     assert offer.setup == "actpass" and offer.opus_pt > 0 and len(offer.rejected) == 1
     assert directions == ["sendrecv"]
+    assert [host for host, _ in local] == ["127.0.0.1"]  # gathered where we were told
+    assert remote == [("::1", 3478), ("127.0.0.1", 3478)]  # aiortc took both candidates
+
+
+# Several relay addresses: one candidate each, in order (issue 12) ------------------------------
+def test_every_relay_address_is_a_candidate_in_order_with_falling_priority():
+    offer = sdp.parse_offer(CHROME_OFFER)
+    addresses = [("192.0.2.10", 3478), ("2001:db8::10", 3478), ("127.0.0.1", 3479)]
+    answer = sdp.build_answer(offer, **{**ANSWER_ARGS, "candidate": addresses})
+    lines = [ln for ln in answer.split("\r\n") if ln.startswith("a=candidate:")]
+    assert lines == [
+        "a=candidate:1 1 udp 2130706431 192.0.2.10 3478 typ host",
+        "a=candidate:2 1 udp 2130706175 2001:db8::10 3478 typ host",
+        "a=candidate:3 1 udp 2130705919 127.0.0.1 3479 typ host",
+    ]
+    assert "m=audio 3478 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 192.0.2.10\r\n" in answer
+    assert answer.index("a=candidate:3") < answer.index("a=end-of-candidates")
+    parsed = sdp.parse_answer(answer)
+    assert parsed.candidates == addresses and parsed.candidate == addresses[0]
+
+
+def test_one_address_and_a_list_of_one_give_the_same_candidates():
+    offer = sdp.parse_offer(CHROME_OFFER)
+    one = sdp.build_answer(offer, **{**ANSWER_ARGS, "candidate": ("::1", 3478)})
+    listed = sdp.build_answer(offer, **{**ANSWER_ARGS, "candidate": [("::1", 3478)]})
+    cut = lambda text: [ln for ln in text.split("\r\n") if not ln.startswith("o=")]  # noqa: E731
+    assert cut(one) == cut(listed)
+
+
+addresses = st.lists(
+    st.tuples(st.ip_addresses().map(str), st.integers(1, 65535)), min_size=1, max_size=8
+)
+
+
+@given(addresses)
+def test_candidates_round_trip_and_priorities_fall_in_order(relay):
+    offer = sdp.parse_offer(CHROME_OFFER)
+    answer = sdp.build_answer(offer, **{**ANSWER_ARGS, "candidate": relay})
+    assert sdp.parse_answer(answer).candidates == relay
+    priorities = [int(ln.split()[3]) for ln in answer.split("\r\n") if "a=candidate:" in ln]
+    assert priorities == sorted(priorities, reverse=True) and len(set(priorities)) == len(relay)
+
+
+def test_only_well_formed_udp_candidates_are_read_from_an_answer():
+    values = [
+        "1 1 udp 2130706431 192.0.2.1 3478 typ host",
+        "2 1 tcp 1518280447 192.0.2.1 443 typ host tcptype passive",
+        "3 1 udp 2130706431 abcd.local 3478 typ host",
+        "4 1 udp 2130706431 192.0.2.2 0 typ host",
+        "5 1 udp 2130706431 192.0.2.3 99999 typ host",
+        "6 1 UDP 2130706431 2001:DB8::1 3478 typ host",
+        "7 1 udp",
+    ]
+    assert sdp.udp_candidates(values) == [("192.0.2.1", 3478), ("2001:db8::1", 3478)]
 
 
 rtp_packets = st.builds(

@@ -11,19 +11,30 @@ hang-up with both sides' statistics):
   the far end has answered and gone quiet, reports the turn timings (`turns.py`) and the
   conversation events the server offers, and can write what came back as a WAV.
 
-The pure parts (WAV codec, timeline, listening plan, event-stream parser) take bytes, arrays
-and times; only the `place_*` shells read clocks and use sockets.
+Both post the offer before gathering (the server is ICE-lite: it needs none of our candidates),
+then gather only local addresses that can reach the candidates of the answer: the source
+address the kernel routes from towards each of them (loopback for loopback, this host's
+interface address otherwise), or `local_address` when given. A failed call names the step
+that failed (signaling, ICE, DTLS, media) and the likely fix, in one line.
+
+The pure parts (WAV codec, timeline, listening plan, event-stream parser, which addresses to
+gather, which step failed) take bytes, arrays, states and times; only the `place_*` shells
+read clocks and use sockets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import fractions
+import ipaddress
 import math
+import socket
+import ssl
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -40,16 +51,130 @@ from voicerelay.cli.turns import (
     dbfs,
     find_segments,
 )
+from voicerelay.transceiver.client import ClientCall
 
 SAMPLE_RATE = 48000
 FRAME_SAMPLES = 960  # 20 ms
 
 
-def loopback_only_ice() -> None:
-    """Make aioice gather only 127.0.0.1 (it skips loopback by default)."""
+# --- which local addresses to gather (pure), and telling aioice ---------------------------
+
+_GATHER: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "voicerelay_gather", default=None
+)
+
+
+def _install_gather_hook() -> None:
+    """Route aioice's host-address lookup through `_GATHER` (once per process): within
+    `gathering_from`, the addresses given; elsewhere aioice's own choice."""
     import aioice.ice
 
-    aioice.ice.get_host_addresses = lambda use_ipv4=True, use_ipv6=False: ["127.0.0.1"]
+    own = aioice.ice.get_host_addresses
+    if getattr(own, "voicerelay_hook", False):
+        return
+
+    def host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        chosen = _GATHER.get()
+        return list(chosen) if chosen is not None else own(use_ipv4, use_ipv6)
+
+    host_addresses.voicerelay_hook = True  # type: ignore[attr-defined]
+    aioice.ice.get_host_addresses = host_addresses
+
+
+@contextlib.contextmanager
+def gathering_from(addresses: Sequence[str]) -> Iterator[None]:
+    """Within this block (this task and the tasks it starts), aiortc gathers host candidates
+    on exactly `addresses` (aioice alone skips loopback)."""
+    _install_gather_hook()
+    token = _GATHER.set(tuple(addresses))
+    try:
+        yield
+    finally:
+        _GATHER.reset(token)
+
+
+def route_source(host: str) -> str | None:
+    """The local address the kernel would send from towards `host` (a UDP connect sends
+    nothing), or None if there is no route."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))
+            return str(ipaddress.ip_address(probe.getsockname()[0]))
+    except OSError:
+        return None
+
+
+def gather_plan(
+    remote: Sequence[str],
+    source: Callable[[str], str | None] = route_source,
+    local_address: str | None = None,
+) -> list[str]:
+    """The local addresses to gather for an answer whose candidates are at `remote`: the
+    given `local_address`, else the source address `source` names for each candidate (those
+    without a route skipped), in the candidates' order, no repeats."""
+    if local_address is not None:
+        return [local_address]
+    found = (source(host) for host in remote)
+    return list(dict.fromkeys(a for a in found if a is not None))
+
+
+# --- which step failed (pure) --------------------------------------------------------------
+
+CONNECTED_ICE = ("connected", "completed")
+
+
+def failed_step(ice_state: str, dtls_state: str) -> Literal["ICE", "DTLS", "media"]:
+    """The first step of a call that had not got through when it gave up: ICE, then DTLS;
+    past both, the media."""
+    if ice_state not in CONNECTED_ICE:
+        return "ICE"
+    if dtls_state != "connected":
+        return "DTLS"
+    return "media"
+
+
+def _addrs(addresses: Sequence[tuple[str, int]]) -> str:
+    return ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses) or "none"
+
+
+def failure_line(
+    step: Literal["ICE", "DTLS", "media"],
+    waited: float,
+    *,
+    candidates: Sequence[tuple[str, int]],
+    local: Sequence[str],
+    ice_state: str,
+    dtls_state: str,
+    media: str = "no audio came back",
+) -> str:
+    """One line: which step failed after `waited` seconds, what was tried, the likely fix."""
+    if step == "ICE":
+        return (
+            f"ICE did not connect within {waited:g} s (ICE {ice_state}): nothing answered at "
+            f"{_addrs(candidates)} from {', '.join(local) or 'no local address'}; is the relay "
+            "running and its UDP port reachable from this host? (the stack's --advertise "
+            "names those addresses; --local-address picks ours)"
+        )
+    if step == "DTLS":
+        return (
+            f"DTLS did not complete within {waited:g} s although ICE connected "
+            f"(DTLS {dtls_state}): the transceiver behind the relay did not finish the "
+            "handshake; see the transceiver's log"
+        )
+    return (
+        f"media: {media} within {waited:g} s of connecting: the call is up but nothing "
+        "came back; a tone comes back only from the echo app (relayctl up --app echo)"
+    )
+
+
+def no_route_line(candidates: Sequence[tuple[str, int]]) -> str:
+    """ICE cannot even start: no local address routes to any candidate of the answer."""
+    return (
+        f"ICE cannot start: no route from this host to the answer's candidates "
+        f"{_addrs(candidates)}; the stack must advertise an address this host reaches "
+        "(its --advertise), or pick ours with --local-address"
+    )
 
 
 def dominant_frequency(samples: np.ndarray, rate: int = SAMPLE_RATE) -> float:
@@ -387,9 +512,12 @@ class CallReport:
     audio_seconds: float = 0.0  # how much echoed audio came back
     max_frame_gap_ms: float | None = None  # longest wait between echoed frames, after the first
     error: str | None = None
+    step: str | None = None  # what failed: signaling, ICE, DTLS or media
     session_url: str | None = None
     offer_sdp: str | None = None
     answer_sdp: str | None = None
+    candidates: list = field(default_factory=list)  # the answer's UDP candidates [host, port]
+    local_addresses: list[str] = field(default_factory=list)  # where we gathered
     stats: dict = field(default_factory=dict)  # delete_status, client (aiortc), server (JSON)
 
     @property
@@ -421,9 +549,12 @@ class VoiceCallReport:
     events_status: str = "not requested"
     recording: str | None = None  # where what came back was written
     error: str | None = None
+    step: str | None = None  # what failed: signaling, ICE, DTLS or media
     session_url: str | None = None
     offer_sdp: str | None = None
     answer_sdp: str | None = None
+    candidates: list = field(default_factory=list)  # the answer's UDP candidates [host, port]
+    local_addresses: list[str] = field(default_factory=list)  # where we gathered
     stats: dict = field(default_factory=dict)  # delete_status, client (aiortc), server (JSON)
     received: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16), repr=False)
 
@@ -448,13 +579,20 @@ class VoiceCallReport:
 
 
 class _CallFailed(Exception):
-    """A call ended early; str(e) is the report's error line."""
+    """A call ended early; str(e) is the report's error line, `step` what failed."""
+
+    def __init__(self, message: str, step: str = "signaling") -> None:
+        super().__init__(message)
+        self.step = step
 
 
 class _Signaled(Protocol):
+    url: str
     session_url: str | None
     offer_sdp: str | None
     answer_sdp: str | None
+    candidates: list
+    local_addresses: list[str]
 
 
 def _tone_frames(freq: float) -> Callable[[int], np.ndarray]:
@@ -509,13 +647,59 @@ def _paced_track(frame_at: Callable[[int], np.ndarray]) -> Any:
 
 
 def _peer_connection(track: Any) -> Any:
-    """A loopback-only aiortc peer connection sending `track`."""
+    """An aiortc peer connection sending `track`, without STUN or TURN servers."""
     from aiortc import RTCConfiguration, RTCPeerConnection
 
-    loopback_only_ice()
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     pc.addTrack(track)
     return pc
+
+
+def _states(pc: Any) -> tuple[str, str]:
+    """The peer connection's ICE and DTLS states."""
+    transports = [t.sender.transport for t in pc.getTransceivers() if t.sender.transport]
+    return pc.iceConnectionState, transports[0].state if transports else "new"
+
+
+def _stalled(pc: Any, report: _Signaled, waited: float, media: str) -> _CallFailed:
+    """The failure of a call that did not get far enough within `waited` seconds."""
+    ice, dtls = _states(pc)
+    step = failed_step(ice, dtls)
+    line = failure_line(
+        step,
+        waited,
+        candidates=[tuple(c) for c in report.candidates],
+        local=report.local_addresses,
+        ice_state=ice,
+        dtls_state=dtls,
+        media=media,
+    )
+    return _CallFailed(line, step)
+
+
+def http_session(token: str | None, cafile: Path | None = None) -> aiohttp.ClientSession:
+    """The client of signaling: our credential on every request, `cafile` trusted for HTTPS
+    (e.g. the certificate `relayctl up --https` made)."""
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile is not None else None
+    return aiohttp.ClientSession(
+        headers=bearer(token), connector=aiohttp.TCPConnector(ssl=context or True)
+    )
+
+
+def unreachable_line(url: str, exc: BaseException) -> str:
+    """Why signaling at `url` could not be asked, and what to do."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return (
+            f"signaling at {url} unreachable: its certificate is not trusted "
+            f"({exc.certificate_error}); pass --cafile with it "
+            "(`relayctl up --https` prints where it is)"
+        )
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        return f"signaling at {url} unreachable: TLS failed ({exc}); is it https?"
+    return (
+        f"signaling at {url} unreachable: {exc}; is the stack running (relayctl up) "
+        "and the address right?"
+    )
 
 
 def _on_remote_audio(
@@ -548,33 +732,65 @@ def bearer(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-async def _signal(pc: Any, http: aiohttp.ClientSession, url: str, report: _Signaled) -> float:
-    """Post our offer (WHIP) and apply the answer; returns when the offer was posted
-    (monotonic). Raises `_CallFailed` if signaling refuses."""
+REFUSAL_FIXES = {
+    401: "pass a client token or the API key with --token (`relayctl token` mints one)",
+    403: "this credential may not place calls: use a client token or the API key",
+    429: "too many calls from this address: wait and try again",
+    503: "the transceiver is full: try again later",
+}
+
+
+async def _signal(
+    pc: Any,
+    http: aiohttp.ClientSession,
+    url: str,
+    report: _Signaled,
+    local_address: str | None = None,
+) -> float:
+    """Post our offer (WHIP), gather where the answer's candidates are reachable from, and
+    apply the answer; returns when the offer was posted (monotonic). Raises `_CallFailed`
+    if signaling refuses or no local address can reach the answer's candidates."""
     from aiortc import RTCSessionDescription
 
-    await pc.setLocalDescription(await pc.createOffer())
-    report.offer_sdp = pc.localDescription.sdp
+    from voicerelay.transceiver.sdp import SdpError, parse_answer
+
+    offer = await pc.createOffer()
+    report.offer_sdp = offer.sdp
     posted = time.monotonic()
     async with http.post(
         url.rstrip("/") + "/v1/sessions",
-        data=pc.localDescription.sdp,
+        data=offer.sdp,
         headers={"Content-Type": "application/sdp"},
     ) as resp:
         body = await resp.text(errors="replace")
         if resp.status != 201:
-            raise _CallFailed(f"signaling answered {resp.status}: {body.strip()}")
+            fix = REFUSAL_FIXES.get(resp.status)
+            raise _CallFailed(
+                f"signaling answered {resp.status}: {body.strip()}" + (f"; {fix}" if fix else "")
+            )
         location = resp.headers.get("Location")
         if not location:
             raise _CallFailed("signaling answered 201 without a Location header")
         report.session_url = str(resp.url.join(aiohttp.client.URL(location)))
         report.answer_sdp = body
+    not_an_answer = "signaling answered 201 but the body is not an SDP answer"
+    try:
+        candidates = parse_answer(body).candidates
+    except SdpError as exc:
+        raise _CallFailed(f"{not_an_answer}: {exc} (body starts {body[:40]!r})") from None
+    report.candidates = [list(c) for c in candidates]
+    report.local_addresses = gather_plan(
+        [host for host, _ in candidates], route_source, local_address
+    )
+    if not report.local_addresses:
+        raise _CallFailed(no_route_line(candidates), "ICE")
+    with gathering_from(report.local_addresses):
+        await pc.setLocalDescription(offer)
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
     except Exception as exc:  # aiortc raises ValueError, AssertionError, ... on a bad answer
         raise _CallFailed(
-            "signaling answered 201 but the body is not an SDP answer: "
-            f"{exc or type(exc).__name__} (body starts {body[:40]!r})"
+            f"{not_an_answer}: {exc or type(exc).__name__} (body starts {body[:40]!r})"
         ) from None
     return posted
 
@@ -619,11 +835,15 @@ async def place_call(
     *,
     audio_started: asyncio.Future[CallReport] | None = None,
     token: str | None = None,
+    local_address: str | None = None,
+    cafile: Path | None = None,
 ) -> CallReport:
     """One call against the signaling at `url`; never raises for call failures.
 
     `audio_started`, if given, gets the (unfinished) report once the first echoed audio
     arrives, offer and answer filled in: a caller can act while the call is in progress.
+    `local_address` forces where we gather (else: what routes to the answer's candidates);
+    `cafile` is trusted for an https `url`.
     """
     report = CallReport(url=url, tone_hz=tone_hz)
     pc = _peer_connection(_paced_track(_tone_frames(tone_hz)))
@@ -640,14 +860,12 @@ async def place_call(
 
     _on_remote_audio(pc, on_frame, [])
     try:
-        async with aiohttp.ClientSession(headers=bearer(token)) as http:
-            posted = await _signal(pc, http, url, report)
+        async with http_session(token, cafile) as http:
+            posted = await _signal(pc, http, url, report, local_address)
             try:
                 arrived = await asyncio.wait_for(first_audio, timeout)
             except TimeoutError:
-                raise _CallFailed(
-                    f"no audio came back within {timeout:g} s (state {pc.connectionState})"
-                ) from None
+                raise _stalled(pc, report, timeout, "no audio came back") from None
             report.connected = True
             report.setup_ms = (arrived - posted) * 1000
             if audio_started is not None and not audio_started.done():
@@ -656,9 +874,9 @@ async def place_call(
             _judge_tone(report, received, [arrived, *arrivals, time.monotonic()])
             await _hang_up(pc, http, report.session_url or url, report.stats)
     except _CallFailed as exc:
-        report.error = str(exc)
+        report.error, report.step = str(exc), exc.step
     except (aiohttp.ClientError, OSError) as exc:
-        report.error = f"signaling at {url} unreachable: {exc}"
+        report.error, report.step = unreachable_line(url, exc), "signaling"
     finally:
         await pc.close()
     return report
@@ -688,6 +906,8 @@ async def place_voice_call(
     quiet_s: float = 1.5,
     lead_in_s: float = 0.5,
     token: str | None = None,
+    local_address: str | None = None,
+    cafile: Path | None = None,
 ) -> VoiceCallReport:
     """Play `play` (48 kHz mono int16) as the microphone after `lead_in_s` of silence, then
     silence, and listen as `ListenPlan` says; never raises for call failures.
@@ -695,6 +915,7 @@ async def place_voice_call(
     `timeout` bounds both connecting (our first frame going out) and waiting for any sound
     after the recording ended. `record`, if given, receives what came back as a 48 kHz mono
     WAV on the call's timeline, also when the call fails after media started.
+    `local_address` and `cafile` as for `place_call`.
     """
     played = np.concatenate(
         [np.zeros(round(lead_in_s * SAMPLE_RATE), np.int16), np.asarray(play, np.int16).ravel()]
@@ -718,12 +939,12 @@ async def place_voice_call(
 
     _on_remote_audio(pc, on_frame, errors)
     try:
-        async with aiohttp.ClientSession(headers=bearer(token)) as http:
-            await _converse(pc, http, url, track, timeline, plan, log, report)
+        async with http_session(token, cafile) as http:
+            await _converse(pc, http, url, track, timeline, plan, log, report, local_address)
     except _CallFailed as exc:
-        report.error = str(exc)
+        report.error, report.step = str(exc), exc.step
     except (aiohttp.ClientError, OSError) as exc:
-        report.error = f"signaling at {url} unreachable: {exc}"
+        report.error, report.step = unreachable_line(url, exc), "signaling"
     finally:
         ended = time.monotonic()
         await pc.close()
@@ -743,18 +964,17 @@ async def _converse(
     plan: ListenPlan,
     log: EventLog,
     report: VoiceCallReport,
+    local_address: str | None = None,
 ) -> None:
     """Signal, follow the event stream, play and listen, hang up."""
-    posted = await _signal(pc, http, url, report)
+    posted = await _signal(pc, http, url, report, local_address)
     session_url = report.session_url or url
     events = asyncio.ensure_future(collect_events(http, session_url.rstrip("/") + "/events", log))
     try:
         try:
             started = await asyncio.wait_for(asyncio.shield(track.started), plan.timeout_s)
         except TimeoutError:
-            raise _CallFailed(
-                f"no audio flowed within {plan.timeout_s:g} s (state {pc.connectionState})"
-            ) from None
+            raise _stalled(pc, report, plan.timeout_s, "no audio flowed") from None
         report.connected = True
         report.setup_ms = (started - posted) * 1000
         while (verdict := plan.verdict(time.monotonic() - started, timeline.last_audible_s)) == (
@@ -762,8 +982,11 @@ async def _converse(
         ):
             await asyncio.sleep(0.02)
         if verdict == "silent":
+            report.step = "media"
             report.error = (
-                f"no audio came back within {plan.timeout_s:g} s after the recording ended"
+                f"media: no audio came back within {plan.timeout_s:g} s after the recording "
+                "ended: the call is up but the far end stayed silent; is the agent running "
+                "(see relayctl up's output)?"
             )
         await _hang_up(pc, http, session_url, report.stats)
         await asyncio.wait({events}, timeout=1.0)  # the stream ends with the session
@@ -842,3 +1065,288 @@ def _describe_turn(turn: Turn) -> str:
         early = turn.reply_from_s - turn.spoke_from_s
         return f"{you}, {reply}, began while you spoke ({early:.2f} s after you started)"
     return f"{you}, {reply}, {turn.response_ms / 1000:.2f} s after you stopped"
+
+
+# --- the tone call over ICE-TCP (`relayctl call --tcp`) -------------------------------------
+# aioice (aiortc's ICE) gathers UDP host candidates only (TCP only to reach TURN servers) and
+# pairs candidates of one transport, so it never uses an answer's ICE-TCP candidate. A TCP call
+# runs on the project's own client-role `Session` (`transceiver.client.ClientCall`) over one
+# TCP connection to the relay, RFC 4571-framed: no UDP socket at all.
+
+
+class FramedTcp(asyncio.Protocol):
+    """One TCP connection as a `ClientCall`'s datagram transport: each datagram the call sends
+    is one RFC 4571 frame, each frame received a datagram from `remote`."""
+
+    def __init__(self, deliver: Callable[[bytes, tuple[str, int]], None], remote: tuple[str, int]):
+        from voicerelay.relay.tcp import FrameDecoder
+
+        self.deliver = deliver
+        self.remote = remote
+        self.decoder = FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        for datagram in self.decoder.feed(data):
+            self.deliver(datagram, self.remote)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(str(exc) if exc else "closed by the relay")
+
+    # What `ClientCall` uses of a datagram transport.
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        from voicerelay.relay.tcp import frame
+
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame(data))
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default) if self.transport else default
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class TcpClientCall(ClientCall):
+    """A `ClientCall` whose datagrams travel over one framed TCP connection (`FramedTcp`, set
+    as its transport by `_tcp_connect`)."""
+
+    def start(self, answer: Any, ufrag: str, pwd: str, remote: tuple[str, int]) -> None:
+        """Begin ICE and DTLS towards `remote` (the relay's ICE-TCP candidate), as `connect`
+        does over UDP."""
+        from voicerelay.transceiver.session import Session
+
+        self.session = Session(
+            ice_role="controlling",
+            local_ufrag=ufrag,
+            local_pwd=pwd,
+            remote_ufrag=answer.ice_ufrag,
+            remote_pwd=answer.ice_pwd,
+            dtls_role="client" if answer.setup == "passive" else "server",
+            certificate=self.certificate,
+            remote_fingerprint=answer.fingerprint,
+            now=self.clock(),
+            remote_addr=remote,
+            ssrc=self.ssrc,
+        )
+        self._after_input()
+
+
+async def _tcp_connect(
+    call: Any, candidates: list[tuple[str, int]], local_address: str | None, timeout: float
+) -> FramedTcp:
+    """A framed TCP connection to the first candidate that accepts one, as `call`'s transport;
+    `_CallFailed` (step ICE) naming what was tried if none does."""
+    loop = asyncio.get_running_loop()
+    errors = []
+    for remote in candidates:
+        local = (local_address, 0) if local_address else None
+        try:
+            _, framed = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda r=remote: FramedTcp(call.datagram_received, r),
+                    *remote,
+                    local_addr=local,
+                ),
+                timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            errors.append(f"{_addrs([remote])}: {exc.strerror or 'timed out'}")
+            continue
+        call.transport = framed
+        return framed
+    raise _CallFailed(
+        "ICE over TCP failed: no TCP connection to the relay's ICE-TCP candidates "
+        f"({'; '.join(errors)}); is the relay's TCP port reachable from this host?",
+        "ICE",
+    )
+
+
+async def _tcp_signal(
+    http: aiohttp.ClientSession, url: str, report: CallReport, certificate: Any
+) -> tuple[Any, str, str, float]:
+    """Post a client-role offer; (the answer, our ICE ufrag and password, when posted)."""
+    import base64
+    import os
+
+    from voicerelay.transceiver import sdp
+
+    ufrag = base64.b64encode(os.urandom(6)).decode()
+    pwd = base64.b64encode(os.urandom(18)).decode()
+    offer = sdp.build_offer(
+        ice_ufrag=ufrag,
+        ice_pwd=pwd,
+        fingerprint=certificate.fingerprint,
+        ssrc=int.from_bytes(os.urandom(4), "big"),
+        cname="relayctl-call-tcp",
+    )
+    report.offer_sdp = offer
+    posted = time.monotonic()
+    async with http.post(
+        url.rstrip("/") + "/v1/sessions", data=offer, headers={"Content-Type": "application/sdp"}
+    ) as resp:
+        body = await resp.text(errors="replace")
+        if resp.status != 201:
+            fix = REFUSAL_FIXES.get(resp.status)
+            raise _CallFailed(
+                f"signaling answered {resp.status}: {body.strip()}" + (f"; {fix}" if fix else "")
+            )
+        report.session_url = str(resp.url.join(aiohttp.client.URL(resp.headers["Location"])))
+        report.answer_sdp = body
+    try:
+        answer = sdp.parse_answer(body)
+        tcp = sdp.tcp_candidates(body)
+    except sdp.SdpError as exc:
+        raise _CallFailed(f"signaling answered 201 but not with an SDP answer: {exc}") from None
+    if not tcp:
+        raise _CallFailed(
+            "the answer lists no ICE-TCP candidate: the stack does not serve TCP "
+            "(start it with `relayctl up --tcp-port N`)",
+            "ICE",
+        )
+    report.candidates = [list(c) for c in tcp]
+    return answer, ufrag, pwd, posted
+
+
+class _TcpMedia:
+    """The tone out (Opus, 20 ms frames) and what came back, decoded, with arrival times."""
+
+    def __init__(self, call: Any, tone_hz: float) -> None:
+        from voicerelay.voice.opus import OpusDecoder, OpusEncoder
+
+        self.call = call
+        self.frame_at = _tone_frames(tone_hz)
+        self.encoder, self.decoder = OpusEncoder(), OpusDecoder()
+        self.sent = 0
+        self.taken = 0  # packets of call.received decoded so far
+        self.received: list[np.ndarray] = []
+        self.arrivals: list[float] = []
+        self.first_audio: float | None = None
+
+    def send_next(self) -> None:
+        pts = self.sent * FRAME_SAMPLES
+        self.call.send_audio(self.encoder.encode(self.frame_at(pts)), pts)
+        self.sent += 1
+
+    def take(self) -> None:
+        from voicerelay.transceiver.rtp import RtpError, parse_rtp
+        from voicerelay.voice.opus import OpusError
+
+        packets = self.call.received
+        for at, packet in packets[self.taken :]:
+            try:
+                pcm = self.decoder.decode(parse_rtp(packet).payload).astype(np.float64)
+            except (RtpError, OpusError):
+                continue
+            if self.first_audio is None and pcm.size and np.abs(pcm).max() > 100:
+                self.first_audio = at
+            if self.first_audio is not None:
+                self.received.append(pcm)
+                self.arrivals.append(at)
+        self.taken = len(packets)
+
+
+async def _tcp_media(
+    call: Any, framed: FramedTcp, media: _TcpMedia, seconds: float, timeout: float
+) -> None:
+    """Send the tone every 20 ms until `seconds` after the first echoed audio; `_CallFailed`
+    (step media) if none came back within `timeout`, or if the relay closed the connection."""
+    loop = asyncio.get_running_loop()
+    start, secure_at = loop.time(), time.monotonic()
+    while True:
+        media.take()
+        now = time.monotonic()
+        if framed.lost.done() or call.closed.done():
+            why = framed.lost.result() if framed.lost.done() else call.closed.result()
+            raise _CallFailed(f"the call over TCP ended early: {why}", "media")
+        if media.first_audio is None and now - secure_at > timeout:
+            raise _CallFailed(
+                f"no audio came back within {timeout:g} s although ICE and DTLS completed "
+                "over TCP: see the transceiver's log",
+                "media",
+            )
+        if media.first_audio is not None and now - media.first_audio >= seconds:
+            return
+        media.send_next()
+        await asyncio.sleep(max(0.0, start + media.sent * 0.02 - loop.time()))
+
+
+async def _tcp_secure(call: Any, framed: FramedTcp, timeout: float) -> None:
+    """Wait for ICE and DTLS over the connection; `_CallFailed` naming the step otherwise."""
+    lost = asyncio.ensure_future(asyncio.shield(framed.lost))
+    try:
+        await asyncio.wait(
+            {call.secure, lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        lost.cancel()
+    if call.secure.done() and call.secure.exception() is None:
+        return
+    step = "ICE" if call.ice_connected_at is None else "DTLS"
+    if framed.lost.done():
+        why = f"the relay closed the TCP connection ({framed.lost.result()})"
+    elif call.secure.done():
+        why = f"the session closed ({call.secure.exception()})"
+    else:
+        why = f"nothing completed within {timeout:g} s"
+    what = "no answer to our connectivity checks" if step == "ICE" else "the handshake stalled"
+    raise _CallFailed(f"{step} over TCP failed: {why}; {what}", step)
+
+
+async def place_tcp_call(
+    url: str,
+    tone_hz: float = 440.0,
+    seconds: float = 2.0,
+    timeout: float = 10.0,
+    *,
+    token: str | None = None,
+    local_address: str | None = None,
+    cafile: Path | None = None,
+) -> CallReport:
+    """`place_call` over ICE-TCP only: the answer's passive TCP candidate, RFC 4571 framing,
+    the project's own client `Session`; never raises for call failures."""
+    from voicerelay.transceiver.certificate import Certificate
+
+    report = CallReport(url=url, tone_hz=tone_hz)
+    certificate = Certificate.generate()
+    call = TcpClientCall(certificate)
+    try:
+        async with http_session(token, cafile) as http:
+            answer, ufrag, pwd, posted = await _tcp_signal(http, url, report, certificate)
+            candidates = [tuple(c) for c in report.candidates]
+            framed = await _tcp_connect(call, candidates, local_address, timeout)
+            report.local_addresses = [framed.get_extra_info("sockname")[0]]
+            call.start(answer, ufrag, pwd, framed.remote)
+            await _tcp_secure(call, framed, timeout)
+            media = _TcpMedia(call, tone_hz)
+            await _tcp_media(call, framed, media, seconds, timeout)
+            report.connected = True
+            report.setup_ms = (media.first_audio - posted) * 1000
+            ticks = [media.first_audio, *media.arrivals, time.monotonic()]
+            _judge_tone(report, media.received, ticks)
+            report.stats["client"] = {"rtp_sent": call.rtp_sent, "rtp_received": call.rtp_received}
+            await _tcp_hang_up(http, report)
+    except _CallFailed as exc:
+        report.error, report.step = str(exc), exc.step
+    except (aiohttp.ClientError, OSError) as exc:
+        report.error, report.step = unreachable_line(url, exc), "signaling"
+    finally:
+        call.close()
+    return report
+
+
+async def _tcp_hang_up(http: aiohttp.ClientSession, report: CallReport) -> None:
+    """The server's statistics of the call into `report.stats`, then DELETE the session."""
+    with contextlib.suppress(aiohttp.ClientError, ValueError):
+        async with http.get(report.session_url) as resp:
+            if resp.status == 200:
+                report.stats["server"] = await resp.json()
+    with contextlib.suppress(aiohttp.ClientError):
+        async with http.delete(report.session_url) as resp:
+            report.stats["delete_status"] = resp.status

@@ -46,6 +46,28 @@ DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_HTTP_PORT}"
     default=None,
     help="A client token (`relayctl token`) or the API key, when signaling requires one.",
 )
+@click.option(
+    "--local-address",
+    envvar="VOICERELAY_LOCAL_ADDRESS",
+    default=None,
+    help="Send from this local address only [default: the address this host routes from "
+    "towards each candidate of the answer].",
+)
+@click.option(
+    "--cafile",
+    envvar="VOICERELAY_CAFILE",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Trust this certificate (PEM) for an https URL, e.g. the one `relayctl up --https` "
+    "made (<state-dir>/https.crt).",
+)
+@click.option(
+    "--tcp",
+    is_flag=True,
+    help="ICE over TCP only, to the answer's passive TCP candidate (the stack needs "
+    "`relayctl up --tcp-port N`), as from a network that blocks UDP: the tone call, on the "
+    "project's own WebRTC client (aiortc does not speak ICE-TCP).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 def call(
     url: str,
@@ -55,14 +77,23 @@ def call(
     seconds: float | None,
     timeout: float,
     token: str | None,
+    local_address: str | None,
+    cafile: Path | None,
+    tcp: bool,
     as_json: bool,
 ) -> None:
     """Place one call with a real WebRTC client: check the tone comes back, or play a WAV and
-    time the replies."""
+    time the replies. A failure names its step (signaling, ICE, DTLS, media) and the fix."""
     import dataclasses
     import json
 
-    from voicerelay.cli.call_client import WavError, load_wav, place_call, place_voice_call
+    from voicerelay.cli.call_client import (
+        WavError,
+        load_wav,
+        place_call,
+        place_tcp_call,
+        place_voice_call,
+    )
 
     if not 20 <= tone <= 20000:
         raise click.BadParameter("use 20-20000 Hz", param_hint="--tone")
@@ -78,11 +109,17 @@ def call(
         raise click.BadParameter(
             "records what comes back from --play: add --play", param_hint="--record"
         )
+    if tcp and play is not None:
+        raise click.BadParameter("--tcp places the tone call only: drop --play", param_hint="--tcp")
     if record is not None and not record.parent.is_dir():
         raise click.BadParameter(f"directory {record.parent} does not exist", param_hint="--record")
+    if local_address is not None:
+        local_address = check_local_address(local_address)
+    reach = {"token": token, "local_address": local_address, "cafile": cafile}
     if play is None:
+        place = place_tcp_call if tcp else place_call
         report = asyncio.run(
-            place_call(url, tone, 2.0 if seconds is None else seconds, timeout, token=token)
+            place(url, tone, 2.0 if seconds is None else seconds, timeout, **reach)
         )
         if as_json:
             click.echo(
@@ -106,12 +143,26 @@ def call(
             record,
             listen_s=15.0 if seconds is None else seconds,
             timeout=timeout,
-            token=token,
+            **reach,
         )
     )
     click.echo(json.dumps(voice.to_json()) if as_json else describe_call(voice))
     if not voice.audio_came_back:
         raise SystemExit(1)
+
+
+def check_local_address(text: str) -> str:
+    """`--local-address`: an address of a family and kind a socket can send from."""
+    from voicerelay.addresses import ip
+
+    address = ip(text)
+    if address is None or address.is_unspecified or address.is_multicast or "%" in text:
+        raise click.BadParameter(
+            f"{text!r} is not a local unicast address: give one of this host's addresses, "
+            "e.g. 127.0.0.1 or ::1",
+            param_hint="--local-address",
+        )
+    return str(address)
 
 
 def describe_call(report: Any) -> str:

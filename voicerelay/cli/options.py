@@ -173,3 +173,57 @@ def signaling_auth_options() -> Decorator:
             "it or separate with commas. Default: none (same-origin pages only).",
         ),
     )
+
+
+def tls_options() -> Decorator:
+    """`--https`, `--cert` and `--key`: serve signaling and the page over HTTPS."""
+    return options(
+        click.option(
+            "--https",
+            envvar="VOICERELAY_HTTPS",
+            is_flag=True,
+            default=False,
+            help="Serve signaling and the page over HTTPS with a self-signed certificate made "
+            "on first use in the state directory (https.crt, key https.key 0600): browsers on "
+            "other hosts need a secure context for the microphone.",
+        ),
+        click.option(
+            "--cert",
+            envvar="VOICERELAY_CERT",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Serve HTTPS with this PEM certificate (chain) instead; needs --key.",
+        ),
+        click.option(
+            "--key",
+            envvar="VOICERELAY_KEY",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="The PEM private key of --cert (unencrypted).",
+        ),
+    )
+
+
+def tls_files(
+    https: bool, cert: Path | None, key: Path | None, state_dir: Path, hosts: list[str]
+) -> tuple[Path | None, Path | None, str | None]:
+    """The certificate and key to serve (None, None: plain HTTP) and a line for the operator:
+    the user's pair, or with `--https` the state directory's self-signed one (made now if
+    needed, naming `hosts`). ConfigError (one line) for a wrong combination."""
+    from voicerelay.tls import ensure_self_signed, server_context
+
+    if (cert is None) != (key is None):
+        raise ConfigError("--cert and --key go together: give both, or --https for one made here")
+    if cert is not None and key is not None:
+        server_context(cert, key)  # unusable files fail here, before anything starts
+        return cert, key, f"https: the certificate {cert}"
+    if not https:
+        return None, None, None
+    made = ensure_self_signed(state_dir, hosts)
+    what = "made now" if made.created else "kept"
+    return (
+        made.cert,
+        made.key,
+        f"https: self-signed certificate {made.cert} ({what}; SHA-256 {made.fingerprint}): "
+        "a browser asks once to accept it; `relayctl call --cafile` trusts it",
+    )

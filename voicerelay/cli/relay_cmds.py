@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from voicerelay.addresses import format_addr, is_wildcard
 from voicerelay.cli.options import (
     cluster_id_option,
     options,
@@ -116,6 +117,25 @@ start_options = options(
         show_default=True,
         help="Seconds a flow that never carried return traffic lives, whatever its client sends.",
     ),
+    click.option(
+        "--tcp-port",
+        envvar="VOICERELAY_TCP_PORT",
+        type=int,
+        default=RelayConfig.tcp_port,
+        show_default=True,
+        help="Also accept ICE over TCP (RFC 6544, RFC 4571 framing) on this port of the listen "
+        "address, every worker (443 for clients behind firewalls that block UDP); 0: off. "
+        "Transceivers must advertise it (relayctl transceiver --tcp-port).",
+    ),
+    click.option(
+        "--tcp-connections",
+        envvar="VOICERELAY_TCP_CONNECTIONS",
+        type=int,
+        default=RelayConfig.tcp_connections,
+        show_default=True,
+        help="TCP connections one worker keeps at most (those that have not opened a flow yet "
+        "give way first).",
+    ),
     secret_file_option("[default: <state-dir>/secret.key, created if missing]"),
     click.option(
         "--redis",
@@ -188,14 +208,31 @@ def start(listen: str, state_dir: Path | None, foreground: bool, **options: Any)
     config = build_config(listen, state_dir, **options)
     usable_state_dir(config.state_dir)
     ensure_secret(config)  # a missing --secret-file fails here, in one line
+    if config.tcp_port:
+        from voicerelay.net import check_port_free
+        from voicerelay.relay.preflight import refuse_if_running
+
+        refuse_if_running(config)  # the one error for a relay already running, before ports
+        check_port_free(config.listen_host, config.tcp_port, "TCP port", "--tcp-port", tcp=True)
     if foreground:
         configure_logging()
         launcher.run_foreground(config)
         return
     pid = spawn.start_background(config)
     click.echo(
-        f"relay started on {config.listen_host}:{config.listen_port} "
+        f"relay started on {format_addr((config.listen_host, config.listen_port))} "
         f"with {config.workers} workers (pid {pid}); log: {config.log_file}"
+        + wildcard_note(config.listen_host)
+    )
+
+
+def wildcard_note(host: str) -> str:
+    """For a relay bound to every address: what transceivers must advertise instead."""
+    if not is_wildcard(host):
+        return ""
+    return (
+        "\n  it binds every address: give transceivers the ones clients reach "
+        "(relayctl transceiver --relay-public HOST:PORT[,HOST:PORT...])"
     )
 
 
@@ -272,6 +309,12 @@ def format_stats(reply: dict[str, Any]) -> str:
         lines.append(
             f"{w['index']!s:>6} {w['pid']!s:>7} {c['packets_in']:>10} {c['bytes_in']:>12} "
             f"{c['packets_out']:>10} {c['bytes_out']:>12} {c['flows']:>7}  {drops}"
+        )
+    totals = reply["totals"]
+    if totals.get("tcp_accepted"):
+        lines.append(
+            f"tcp: {totals['tcp_connections']} connections open, {totals['tcp_flows']} with a "
+            f"flow; {totals['tcp_accepted']} accepted"
         )
     refused = (reply.get("restore") or {}).get("refused")
     if refused:

@@ -17,6 +17,8 @@ from voicerelay.cli.options import (
     secret_file_option,
     signaling_auth_options,
     state_dir_option,
+    tls_files,
+    tls_options,
 )
 from voicerelay.config import (
     DEFAULT_HOST,
@@ -47,14 +49,20 @@ def transceiver_config(
     cors_origins: tuple[str, ...] = (),
     session_rate: float = 2.0,
     session_burst: int = 20,
+    https: bool = False,
+    cert: Path | None = None,
+    key: Path | None = None,
+    tcp_port: int = 0,
 ) -> TransceiverConfig:
     """A validated TransceiverConfig from CLI values (ConfigError names the fix)."""
+    http_addr = parse_hostport(http, "--http", example_port=DEFAULT_HTTP_PORT, min_port=0)
+    cert, key, _ = tls_files(https, cert, key, state_dir or default_state_dir(), [http_addr[0]])
     return TransceiverConfig(
         internal=parse_hostport(
             internal, "--internal", example_port=DEFAULT_TRANSCEIVER_PORT, min_port=0
         ),
-        http=parse_hostport(http, "--http", example_port=DEFAULT_HTTP_PORT, min_port=0),
-        relay_public=parse_hostport(relay_public, "--relay-public", DEFAULT_PUBLIC_PORT),
+        http=http_addr,
+        relay_public=parse_relay_public(relay_public),
         state_dir=state_dir or default_state_dir(),
         secret_file=secret_file,
         cluster_id=cluster_id,
@@ -69,7 +77,20 @@ def transceiver_config(
         cors_origins=cors_origins,
         session_rate=session_rate,
         session_burst=session_burst,
+        tls_cert=cert,
+        tls_key=key,
+        relay_tcp_port=tcp_port,
     )
+
+
+def parse_relay_public(text: str) -> tuple[tuple[str, int], ...]:
+    """`--relay-public HOST:PORT[,HOST:PORT...]`: every address answers list, in order."""
+    entries = [e for e in text.split(",") if e.strip()]
+    if not entries:
+        raise ConfigError(
+            f"--relay-public is empty: write e.g. {DEFAULT_HOST}:{DEFAULT_PUBLIC_PORT}"
+        )
+    return tuple(parse_hostport(e, "--relay-public", DEFAULT_PUBLIC_PORT) for e in entries)
 
 
 transceiver_options = options(
@@ -92,7 +113,17 @@ transceiver_options = options(
         envvar="VOICERELAY_RELAY_PUBLIC",
         default=f"{DEFAULT_HOST}:{DEFAULT_PUBLIC_PORT}",
         show_default=True,
-        help="The relay's public HOST:PORT, the only candidate in answers.",
+        help="The relay's public HOST:PORT, or several comma-separated (IPv4 and IPv6): "
+        "the candidates answers list, in order. Addresses clients reach, never a wildcard.",
+    ),
+    click.option(
+        "--tcp-port",
+        envvar="VOICERELAY_TCP_PORT",
+        type=int,
+        default=0,
+        show_default=True,
+        help="The relay's ICE-TCP port (relayctl start --tcp-port): answers also list a passive "
+        "TCP candidate there on each --relay-public host, after the UDP ones; 0: none.",
     ),
     state_dir_option("Where secret.key lives"),
     secret_file_option("shared with the relay"),
@@ -136,6 +167,7 @@ transceiver_options = options(
         help="The backend's API key (sent as Authorization: Bearer).",
     ),
     signaling_auth_options(),
+    tls_options(),
     click.option(
         "--session-rate",
         envvar="VOICERELAY_SESSION_RATE",
@@ -189,11 +221,7 @@ def transceiver(**options: Any) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        click.echo(
-            f"transceiver ready: signaling http://{node.http_addr[0]}:{node.http_addr[1]}/; "
-            f"{node.api_key.describe()}",
-            err=True,
-        )
+        click.echo(f"transceiver ready: signaling {node.url}/; {node.api_key.describe()}", err=True)
         try:
             await stop.wait()
         finally:

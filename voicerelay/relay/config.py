@@ -80,6 +80,10 @@ class RelayConfig:
     new_flow_burst: int = 200
     rebind_after: float = 10.0
     unanswered_timeout: float = 10.0
+    # ICE over TCP (relay/tcp.py): the TCP port each worker also listens on at listen_host
+    # (0: off; 443 in production) and the connections one worker keeps at most.
+    tcp_port: int = 0
+    tcp_connections: int = 1024
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()
@@ -164,6 +168,14 @@ class RelayConfig:
         if not 0.05 <= self.snapshot_interval <= 3600:
             raise ConfigError(
                 f"snapshot interval {self.snapshot_interval} is out of range: use 0.05-3600 s"
+            )
+        if not 0 <= self.tcp_port <= 65535:
+            raise ConfigError(
+                f"--tcp-port {self.tcp_port} is out of range: use 1-65535, or 0 for off"
+            )
+        if not 1 <= self.tcp_connections <= 1_000_000:
+            raise ConfigError(
+                f"--tcp-connections {self.tcp_connections} is out of range: use 1-1000000"
             )
         check_cluster_id(self.cluster_id)
         if self.redis_url is not None:

@@ -40,6 +40,18 @@ the exact envelope header bytes (another dict lookup), else in the shared table.
 
 Per-flow counters and return-traffic times stay in process and reach shared memory on `flush`,
 called on a short timer: the hot path never writes shared memory.
+
+ICE over TCP (RFC 6544; the framing and the connections are `relay.tcp`'s): a TCP connection's
+frames go through `tcp_datagram` with the connection's peer sockaddr as key, and take the same
+decisions as UDP datagrams (token freshness or use, clients per token, the prefix rate, rebinding,
+RFC 7983 kinds, sizes), except that a TCP flow opens only from its connection's first frame (a
+Binding request with a token: nothing is adopted) and lives in this worker alone: a connection
+cannot outlive its process, so TCP flows never enter shared memory or snapshots. The envelope
+names a client by address only, so one address is either a UDP flow or a TCP flow: a connection
+whose address is a live flow anywhere in the table, or a UDP flow whose address is one of this
+worker's TCP flows, is refused (`address_in_use`). A transceiver's envelope for a TCP client is
+queued on `tcp_out` for the worker to write to the connection; TCP flows expire by the same
+rules as UDP flows (`expire_tcp`).
 """
 
 from __future__ import annotations
@@ -61,6 +73,7 @@ MARK_EVERY = 5.0  # s between marks of a token in use (shared with the other wor
 MAX_DATAGRAM = 1500  # client datagrams above this are not WebRTC media: dropped as oversize
 HEADER_SIZE = envelope.HEADER_SIZE
 MAX_ENVELOPE = MAX_DATAGRAM + HEADER_SIZE
+NO_SLOT = -1  # the slot of a TCP flow: it lives in this worker only, never in shared memory
 
 DROP_REASONS = (
     "malformed",
@@ -81,6 +94,25 @@ DROP_REASONS = (
     "envelope_version",
     "return_no_flow",
     "return_wrong_transceiver",
+    "address_in_use",
+)
+# What the TCP side of a worker counts (`relay.tcp`, published with the router's counters):
+# connections open now, accepted; refused when full of routed ones, pending ones evicted for a
+# newcomer, closed for a first frame that did not open a flow, for no first frame in time, for
+# idleness, because their flow expired; frames over the size limit; packets to a client dropped
+# because its connection's send buffer was full.
+TCP_COUNTERS = (
+    "tcp_connections",
+    "tcp_accepted",
+    "tcp_flows",
+    "drop_tcp_over_limit",
+    "drop_tcp_evicted",
+    "drop_tcp_rejected",
+    "drop_tcp_first_timeout",
+    "tcp_closed_idle",
+    "tcp_closed_expired",
+    "drop_tcp_oversize",
+    "drop_tcp_backpressure",
 )
 EVENTS = (
     "flows_created",
@@ -98,6 +130,7 @@ COUNTER_FIELDS: tuple[str, ...] = (
     "flows",
     *EVENTS,
     *(f"drop_{reason}" for reason in DROP_REASONS),
+    *TCP_COUNTERS,
 )
 _TOKEN_DROPS = {"old-format": "token_old_format"}  # every other TokenError: bad_token
 _STUN, _UNKNOWN = PacketKind.STUN, PacketKind.UNKNOWN
@@ -205,6 +238,11 @@ class RelayRouter:
         self.by_token: dict[bytes, set[LocalFlow]] = {}
         self.marked: dict[bytes, float] = {}  # token -> when this worker last marked it
         self.unanswered: dict[LocalFlow, None] = {}  # oldest first: eviction candidates
+        # TCP flows (this worker's only), by their connection's peer sockaddr and by header;
+        # what transceivers sent them, for the worker to write to their connections.
+        self.tcp_by_peer: dict[bytes, LocalFlow] = {}
+        self.tcp_by_header: dict[bytes, LocalFlow] = {}
+        self.tcp_out: list[tuple[bytes, bytes]] = []  # (connection peer, datagram)
         self.dirty: set[LocalFlow] = set()
         self.packets_in = self.bytes_in = self.packets_out = self.bytes_out = 0
         self.events = dict.fromkeys(EVENTS, 0)
@@ -250,8 +288,23 @@ class RelayRouter:
         routed = self.client_datagram(data, peer, now)
         return None if routed is None else (addr_from_sockaddr(routed[0]), routed[1])
 
+    def tcp_datagram(self, data: bytes, peer: bytes, now: float) -> tuple[bytes, bytes] | None:
+        """Where a frame from a TCP connection goes: (transceiver sockaddr, envelope), or None
+        if dropped (counted). `peer` is the connection's peer sockaddr (`wire.addr.sockaddr`
+        of its canonical address, public family). Before a connection has a flow, only a
+        Binding request with a routing token that may open one gets through."""
+        flow = self.tcp_by_peer.get(peer)
+        n = len(data)
+        if flow is not None and 0 < n <= MAX_DATAGRAM and IS_RTP[data[0]]:
+            flow.packets_in += 1
+            self.dirty.add(flow)
+            self.packets_in += 1
+            self.bytes_in += n
+            return flow.transceiver_peer, flow.header + data
+        return self._client_slow(data, peer, flow, now, tcp=True)
+
     def _client_slow(
-        self, data: bytes, peer: bytes, flow: LocalFlow | None, now: float
+        self, data: bytes, peer: bytes, flow: LocalFlow | None, now: float, tcp: bool = False
     ) -> tuple[bytes, bytes] | None:
         n = len(data)
         if not n:
@@ -264,11 +317,11 @@ class RelayRouter:
         if kind is _STUN:
             ufrag = stun.binding_server_ufrag(data)
             if ufrag is not None and (flow is None or ufrag != flow.ufrag):
-                flow = self._route_by_token(ufrag, peer, flow, now)
+                flow = self._route_by_token(ufrag, peer, flow, now, tcp)
                 if flow is None:
                     return None
         if flow is None:
-            flow = self._adopt(peer, now)
+            flow = None if tcp else self._adopt(peer, now)
             if flow is None:
                 return self._drop("unknown_flow")
         flow.packets_in += 1
@@ -278,15 +331,18 @@ class RelayRouter:
         return flow.transceiver_peer, flow.header + data
 
     def _route_by_token(
-        self, ufrag: bytes, peer: bytes, flow: LocalFlow | None, now: float
+        self, ufrag: bytes, peer: bytes, flow: LocalFlow | None, now: float, tcp: bool = False
     ) -> LocalFlow | None:
-        """The flow a Binding request with this server ufrag goes by (None: dropped, counted)."""
+        """The flow a Binding request with this server ufrag goes by (None: dropped, counted).
+        A TCP connection's first request only opens a new flow (nothing is adopted)."""
         if flow is None:
             try:
                 client = addr_from_sockaddr(peer)
             except ValueError:
                 return self._drop("malformed")
-            flow = self._adopt_own(client, now)
+            if self._address_in_use(client, tcp):
+                return self._drop("address_in_use")
+            flow = None if tcp else self._adopt_own(client, now)
             if flow is None and not self.limiter.allows(prefix_of(client), now):
                 return self._drop("rate_limited")  # refused before the token costs a decryption
         else:
@@ -299,12 +355,22 @@ class RelayRouter:
         if transceiver is None:
             return self._drop("foreign_cluster")
         fresh = route.fresh(now + self.wall_offset, self.token_window)
-        if flow is None and (not fresh or self._searching(now)):
+        if flow is None and not tcp and (not fresh or self._searching(now)):
             flow = self._adopt_foreign(client, now)
         if flow is not None and flow.transceiver == transceiver:
             self._retag(flow, ufrag)  # the same call, or a new session to the same place
             return flow
-        return self._open_flow(ufrag, client, transceiver, flow, fresh, now)
+        return self._open_flow(ufrag, client, transceiver, flow, fresh, now, tcp)
+
+    def _address_in_use(self, client: Addr, tcp: bool) -> bool:
+        """Is `client` already a flow of the other transport? (The envelope names a client by
+        address only.) A TCP connection checks every shard (once per connection); a UDP
+        client's first request checks this worker's TCP flows."""
+        if not tcp:
+            return bool(self.tcp_by_peer) and (
+                sockaddr(client, self.public_family) in self.tcp_by_peer
+            )
+        return client in self.flows or self.table.lookup(client) is not None
 
     def _unopened(self, exc: TokenError, ufrag: bytes, flow: LocalFlow | None) -> LocalFlow | None:
         """A token that does not open. An old-format token still continues a flow that already
@@ -329,8 +395,10 @@ class RelayRouter:
         flow: LocalFlow | None,
         fresh: bool,
         now: float,
+        tcp: bool = False,
     ) -> LocalFlow | None:
-        """A new flow (or `flow` rebound) to `transceiver`, if admission allows it."""
+        """A new flow (or `flow` rebound) to `transceiver`, if admission allows it. A TCP flow
+        takes no shared-memory slot (the worker caps its connections)."""
         if not fresh and not self._token_in_use(ufrag, now):
             return self._drop("token_expired")
         if flow is not None and self._established(flow, now):
@@ -342,7 +410,7 @@ class RelayRouter:
             return self._drop("transceiver_unreachable")
         if not self.limiter.take(prefix_of(client), now):
             return self._drop("rate_limited")
-        slot = self._put(client, transceiver, now)
+        slot = NO_SLOT if tcp else self._put(client, transceiver, now)
         if slot is None:
             return self._drop("table_full")
         if flow is not None:
@@ -411,6 +479,8 @@ class RelayRouter:
         try:
             client = addr_from_sockaddr(peer)
         except ValueError:
+            return None
+        if self._address_in_use(client, tcp=False):
             return None
         flow = self._adopt_own(client, now)
         if flow is None and searching:
@@ -490,11 +560,15 @@ class RelayRouter:
             packets_out,
             seen_at,
         )
-        self.flows[client] = flow
-        self.by_peer[flow.peer] = flow
-        self.by_header[flow.header] = flow
-        if not packets_out:
-            self.unanswered[flow] = None
+        if slot == NO_SLOT:
+            self.tcp_by_peer[flow.peer] = flow
+            self.tcp_by_header[flow.header] = flow
+        else:
+            self.flows[client] = flow
+            self.by_peer[flow.peer] = flow
+            self.by_header[flow.header] = flow
+            if not packets_out:
+                self.unanswered[flow] = None
         self._retag(flow, ufrag)
         return flow
 
@@ -516,9 +590,13 @@ class RelayRouter:
                 self.marked.pop(flow.ufrag, None)
 
     def _forget(self, flow: LocalFlow) -> None:
-        self.flows.pop(flow.client, None)
-        self.by_peer.pop(flow.peer, None)
-        self.by_header.pop(flow.header, None)
+        if flow.slot == NO_SLOT:
+            self.tcp_by_peer.pop(flow.peer, None)
+            self.tcp_by_header.pop(flow.header, None)
+        else:
+            self.flows.pop(flow.client, None)
+            self.by_peer.pop(flow.peer, None)
+            self.by_header.pop(flow.header, None)
         self.dirty.discard(flow)
         self.unanswered.pop(flow, None)
         self._untag(flow)
@@ -555,6 +633,9 @@ class RelayRouter:
             return self._drop("oversize")
         if flow is not None:
             return self._drop("return_wrong_transceiver")
+        tcp = self.tcp_by_header.get(data[:HEADER_SIZE])
+        if tcp is not None:
+            return self._to_tcp(tcp, data, peer)
         try:
             client = envelope.unpack_header(data)
         except envelope.EnvelopeError as exc:
@@ -575,6 +656,40 @@ class RelayRouter:
         self.bytes_out += len(data) - HEADER_SIZE
         return client_peer, data[HEADER_SIZE:]
 
+    def _to_tcp(self, flow: LocalFlow, data: bytes, peer: bytes) -> None:
+        """Queue a transceiver's datagram for a TCP flow's connection (on `tcp_out`); always
+        None: nothing goes out on the public UDP socket."""
+        if flow.transceiver_peer != peer:
+            return self._drop("return_wrong_transceiver")
+        flow.packets_out += 1
+        self.dirty.add(flow)
+        self.packets_out += 1
+        self.bytes_out += len(data) - HEADER_SIZE
+        self.tcp_out.append((flow.peer, data[HEADER_SIZE:]))
+        return None
+
+    def tcp_closed(self, peer: bytes) -> None:
+        """A TCP connection is gone: its flow (if any) with it."""
+        flow = self.tcp_by_peer.get(peer)
+        if flow is not None:
+            self._forget(flow)
+
+    def expire_tcp(self, now: float) -> list[bytes]:
+        """Forget TCP flows past the rules UDP flows expire by (return traffic silent past the
+        idle timeout; never answered, past `unanswered_timeout`); the peers of their
+        connections, for the worker to close. Every TCP flow is looked at: call it about once
+        a second (the worker caps its connections)."""
+        gone = [f for f in self.tcp_by_peer.values() if self._tcp_expired(f, now)]
+        for flow in gone:
+            self._forget(flow)
+        self.events["flows_expired"] += len(gone)
+        return [flow.peer for flow in gone]
+
+    def _tcp_expired(self, flow: LocalFlow, now: float) -> bool:
+        if not flow.packets_out:
+            return now - flow.seen_at > self.unanswered_timeout
+        return now - flow.last_return(now) > self.idle_timeout
+
     # Timers ---------------------------------------------------------------------------------
     def flush(self, now: float) -> int:
         """Write activity of flows that moved since the last flush to shared memory: counters,
@@ -590,7 +705,8 @@ class RelayRouter:
                 unanswered.pop(flow, None)
                 if flow.ufrag:
                     self._mark(flow.ufrag, now)
-            touch(flow.slot, flow.seen_at, flow.packets_in, out)
+            if flow.slot != NO_SLOT:
+                touch(flow.slot, flow.seen_at, flow.packets_in, out)
         self.dirty.clear()
         return count
 
@@ -643,7 +759,8 @@ class RelayRouter:
             "bytes_in": self.bytes_in,
             "packets_out": self.packets_out,
             "bytes_out": self.bytes_out,
-            "flows": len(self.flows),
+            "flows": len(self.flows) + len(self.tcp_by_peer),
+            "tcp_flows": len(self.tcp_by_peer),
             **self.events,
         }
         drops = dict(self.drops)

@@ -6,6 +6,11 @@ so a burst of datagrams costs a few system calls rather than two per packet.
 The public socket shares the relay port with every other worker (SO_REUSEPORT: the kernel
 hashes each client to one worker). The internal socket has a stable per-worker address, so a
 transceiver's replies still land after this worker is restarted.
+
+With a TCP port configured, the worker also listens there (SO_REUSEPORT again) for ICE over TCP
+(`relay.tcp.TcpService`): frames go to transceivers through the same router and internal
+socket, and the replies the router queues for TCP clients are written out after each batch
+from transceivers.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ from collections.abc import Callable
 
 import uvloop
 
-from voicerelay.net import bind_udp
+from voicerelay.net import bind_udp, family_of
 from voicerelay.process import die_with_parent
 from voicerelay.relay.config import RelayConfig
 from voicerelay.relay.mmsg import DatagramBatch, Route
 from voicerelay.relay.router import RelayRouter
+from voicerelay.relay.tcp import TcpService, TcpSettings
 from voicerelay.shm.counters import CounterArray
 from voicerelay.shm.flowtable import FlowTable
 from voicerelay.wire.addr import SOCKADDR_IN6_SIZE, SOCKADDR_IN_SIZE
@@ -41,9 +47,10 @@ MAX_BATCHES = 16  # batches per wake-up before yielding to the loop
 class Pump:
     """Moves datagrams from one socket to the other through a router method, in batches.
 
-    On each wake-up: recvmmsg a batch, route every datagram, sendmmsg what is to be sent; again
-    while batches come back full, up to `MAX_BATCHES` (then yields to the loop, so one busy
-    direction cannot starve the other or the timer).
+    On each wake-up: recvmmsg a batch, route every datagram, sendmmsg what is to be sent, call
+    `after` (if any: the TCP side writes what the batch routed to its connections); again while
+    batches come back full, up to `MAX_BATCHES` (then yields to the loop, so one busy direction
+    cannot starve the other or the timer).
     """
 
     def __init__(
@@ -53,12 +60,14 @@ class Pump:
         route: Route,
         on_send_failures: Callable[[int], None],
         clock: Callable[[], float] = time.monotonic,
+        after: Callable[[], None] | None = None,
     ) -> None:
         self.fd = source.fileno()
         self.target_fd = target.fileno()
         self.route = route
         self.on_send_failures = on_send_failures
         self.clock = clock
+        self.after = after
         self.rx = DatagramBatch(BATCH, SLOT, sockaddr_size(source.family))
         self.tx = DatagramBatch(BATCH, SLOT, sockaddr_size(target.family))
 
@@ -77,6 +86,8 @@ class Pump:
                 _, failed = tx.send(self.target_fd, m)
                 if failed:
                     self.on_send_failures(failed)
+            if self.after is not None:
+                self.after()
             if n < rx.size:
                 return
 
@@ -93,11 +104,10 @@ class Worker:
         self.index = index
         self.table = FlowTable.attach(config.shm_name)
         self.counters = CounterArray.attach(config.counters_name)
-        # Everything that can fail first: the public port group is joined last, so a worker
+        # Everything that can fail first: the public port groups are joined last, so a worker
         # that cannot start never takes a share of the clients' packets with it.
         self.internal_sock = bind_udp(*config.internal_addr(index), reuse_port=False)
         keys = load_keys(config.secret_path)
-        self.public_sock = bind_udp(config.listen_host, config.listen_port, reuse_port=True)
         now = time.monotonic()
         self.router = RelayRouter(
             keys,
@@ -106,7 +116,7 @@ class Worker:
             cluster_id=config.cluster_id,
             idle_timeout=config.idle_timeout,
             expire_interval=TICK,
-            public_family=self.public_sock.family,
+            public_family=family_of(config.listen_host),  # the public socket's, below
             internal_family=self.internal_sock.family,
             token_window=config.token_window,
             token_clients=config.token_clients,
@@ -117,6 +127,17 @@ class Worker:
             now=now,
             wall_offset=time.time() - now,
         )
+        self.tcp: TcpService | None = None
+        if config.tcp_port:
+            self.tcp = TcpService(
+                self.router,
+                self.internal_sock,
+                DatagramBatch(BATCH, SLOT, sockaddr_size(self.internal_sock.family)),
+                TcpSettings(
+                    config.listen_host, config.tcp_port, config.tcp_connections, config.idle_timeout
+                ),
+            )
+        self.public_sock = bind_udp(config.listen_host, config.listen_port, reuse_port=True)
         self.stopped = asyncio.Event()
 
     async def run(self) -> None:
@@ -133,7 +154,10 @@ class Worker:
             self.public_sock,
             router.transceiver_datagram,
             router.count_send_failures,
+            after=self.tcp.deliver if self.tcp is not None else None,
         )
+        if self.tcp is not None:
+            await self.tcp.start()
         loop.add_reader(inbound.fd, inbound.on_readable)
         loop.add_reader(outbound.fd, outbound.on_readable)
         for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -146,6 +170,8 @@ class Worker:
             self._publish(time.monotonic())
             loop.remove_reader(inbound.fd)
             loop.remove_reader(outbound.fd)
+            if self.tcp is not None:
+                self.tcp.close()
             self.public_sock.close()
             self.internal_sock.close()
 
@@ -159,7 +185,11 @@ class Worker:
             self.router.wall_offset = time.time() - now  # follows the wall clock's steps
             self.router.flush(now)
             self.router.expire(now)
-            self.counters.publish(self.index, self.router.counters())
+            values = self.router.counters()
+            if self.tcp is not None:
+                self.tcp.sweep(now)
+                values.update(self.tcp.counters())
+            self.counters.publish(self.index, values)
         except Exception:  # never let bookkeeping kill forwarding
             log.exception("worker %d: periodic flush failed", self.index)
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from voicerelay.addresses import check_advertised
 from voicerelay.config import (
     DEFAULT_AGENT_PORT,
     DEFAULT_HOST,
@@ -26,11 +28,32 @@ from voicerelay.wire.addr import Addr
 DEFAULT_RELAYS = ("127.0.0.0/8", "::1/128")  # the local stack's relay sends from loopback
 
 
+def relay_addresses(
+    value: Addr | Iterable[Addr], option: str = "--relay-public"
+) -> tuple[Addr, ...]:
+    """The relay's public addresses as answers list them: one (host, port) or several, each
+    an address clients can send to (no wildcard) with a port 1-65535, repeats dropped; a
+    one-line ConfigError naming `option` otherwise."""
+    items = list(value)
+    if len(items) == 2 and isinstance(items[0], str):
+        items = [value]  # one address
+    if not items:
+        raise ConfigError(f"{option} is empty: name the relay's public HOST:PORT")
+    out: list[Addr] = []
+    for host, port in items:
+        if not 1 <= int(port) <= 65535:
+            raise ConfigError(f"{option} port {port} is out of range: use 1-65535")
+        out.append((check_advertised(str(host), None, option), int(port)))
+    return tuple(dict.fromkeys(out))
+
+
 @dataclass
 class TransceiverConfig:
     internal: Addr = (DEFAULT_HOST, DEFAULT_TRANSCEIVER_PORT)  # the relay sends envelopes here
     http: Addr = (DEFAULT_HOST, DEFAULT_HTTP_PORT)  # signaling and the demo page
-    relay_public: Addr = (DEFAULT_HOST, DEFAULT_PUBLIC_PORT)  # the only candidate in answers
+    # The relay's public addresses: every one is a candidate in answers, in this order (one
+    # Addr is taken as a list of one).
+    relay_public: tuple[Addr, ...] = ((DEFAULT_HOST, DEFAULT_PUBLIC_PORT),)
     state_dir: Path = field(default_factory=default_state_dir)
     secret_file: Path | None = None
     cluster_id: int = 0
@@ -45,12 +68,17 @@ class TransceiverConfig:
     cors_origins: tuple[str, ...] = ()  # origins whose pages may call signaling (CORS)
     session_rate: float = DEFAULT_RATE  # new sessions a second per client (IPv4, IPv6 /64); 0: off
     session_burst: int = DEFAULT_BURST  # ... and how many at once
+    tls_cert: Path | None = None  # serve signaling and the page over HTTPS with this certificate
+    tls_key: Path | None = None  # ... and its private key (both or neither)
+    # The relay's ICE-TCP port (`relayctl start --tcp-port`): answers list a passive TCP
+    # candidate there on each relay address, after the UDP ones. 0: the relay serves no TCP.
+    relay_tcp_port: int = 0
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()
         if self.secret_file is not None:
             self.secret_file = Path(self.secret_file).expanduser()
-        for name in ("internal", "http", "relay_public"):
+        for name in ("internal", "http"):
             host, port = getattr(self, name)
             option = "--" + name.replace("_", "-")
             try:
@@ -59,8 +87,10 @@ class TransceiverConfig:
                 raise ConfigError(
                     f"{option} host {host!r} is not an IP address: use e.g. 127.0.0.1"
                 ) from None
-            if not 0 <= port <= 65535 or (name == "relay_public" and port == 0):
+            if not 0 <= port <= 65535:
                 raise ConfigError(f"{option} port {port} is out of range: use 1-65535")
+        self.relay_public = relay_addresses(self.relay_public)
+        self._check_tls()
         if not 0.5 <= self.consent_timeout <= 3600:
             raise ConfigError(
                 f"consent timeout {self.consent_timeout} is out of range: use 0.5-3600 s"
@@ -88,6 +118,24 @@ class TransceiverConfig:
             raise ConfigError(f"--session-rate {self.session_rate} is out of range: use 0-1000")
         if not 1 <= self.session_burst <= 100_000:
             raise ConfigError(f"--session-burst {self.session_burst} is out of range: use 1-100000")
+        if not 0 <= self.relay_tcp_port <= 65535:
+            raise ConfigError(
+                f"--tcp-port {self.relay_tcp_port} is out of range: use 1-65535, or 0 for none"
+            )
+
+    def _check_tls(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError(
+                "--cert and --key go together: give both, or --https for one made here"
+            )
+        if self.tls_cert is not None and self.tls_key is not None:
+            self.tls_cert = Path(self.tls_cert).expanduser()
+            self.tls_key = Path(self.tls_key).expanduser()
+
+    @property
+    def https(self) -> bool:
+        """Signaling and the page are served over HTTPS."""
+        return self.tls_cert is not None
 
     @property
     def relay_networks(self) -> tuple[IpNetwork, ...]:

@@ -2,7 +2,8 @@
 pair, offer and answer parsing, for the project's own load client). Pure code.
 
 The answer accepts the offer's first audio section with Opus only, rejects every other section
-(port 0), and lists one host candidate: the relay's public address.
+(port 0), and lists one host candidate per public address of the relay (IPv4 and IPv6, in the
+order given, priorities descending), then the ICE-TCP candidates when the relay serves TCP.
 
 Offers are bounded so that an answer stays small and cheap: at most `MAX_LINES` lines and
 `MAX_SECTIONS` m-lines, and whatever the answer repeats from the offer (media kinds,
@@ -15,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from voicerelay.transceiver.certificate import normalize_fingerprint
@@ -73,9 +75,10 @@ class Answer:
     ice_pwd: str
     fingerprint: str
     setup: str
-    candidate: Addr
+    candidate: Addr  # the first UDP candidate
     opus_pt: int
     ice_lite: bool
+    candidates: list[Addr] = field(default_factory=list)  # every UDP candidate, in order
 
 
 def _parse(text: str) -> tuple[list[tuple[str, str]], list[Section]]:
@@ -203,6 +206,81 @@ def _ip_line(host: str) -> str:
     return f"IN IP{ipaddress.ip_address(host).version} {host}"
 
 
+HOST_PRIORITY = 2130706431  # RFC 8445 5.1.2.1: host type (126), local preference 65535, RTP
+
+
+def host_priority(index: int) -> int:
+    """The priority of the `index`-th host candidate (0 first): the local preference falls by
+    one per candidate, so a client prefers the addresses in the order they are listed."""
+    return HOST_PRIORITY - 256 * index
+
+
+def candidate_lines(addresses: Sequence[Addr], tcp_port: int = 0) -> list[str]:
+    """`a=candidate` lines: one UDP host candidate per relay address, in order; then, when
+    `tcp_port` is set, the ICE-TCP candidates (`tcp_candidate_lines`)."""
+    lines = [
+        f"a=candidate:{i + 1} 1 udp {host_priority(i)} {host} {port} typ host"
+        for i, (host, port) in enumerate(addresses)
+    ]
+    return lines + tcp_candidate_lines(addresses, tcp_port)
+
+
+# RFC 6544 4.2: a TCP host candidate ranks below every UDP one (type preference 90 < 126); its
+# local preference puts the direction first (passive: 4) above the order the addresses are in.
+TCP_TYPE_PREFERENCE = 90
+TCP_PASSIVE_DIRECTION = 4
+
+
+def tcp_priority(index: int) -> int:
+    """The priority of the `index`-th ICE-TCP passive candidate (0 first), component 1."""
+    local = (TCP_PASSIVE_DIRECTION << 13) + 8191 - index
+    return (TCP_TYPE_PREFERENCE << 24) + (local << 8) + 255
+
+
+def tcp_candidate_lines(addresses: Sequence[Addr], tcp_port: int) -> list[str]:
+    """ICE-TCP passive candidates (RFC 6544) at `tcp_port` on the relay's addresses, listed
+    after the UDP ones (foundations follow theirs); none when `tcp_port` is 0."""
+    if not tcp_port:
+        return []
+    first = len(addresses) + 1
+    return [
+        f"a=candidate:{first + i} 1 tcp {tcp_priority(i)} {host} {tcp_port} typ host "
+        "tcptype passive"
+        for i, (host, _) in enumerate(addresses)
+    ]
+
+
+def tcp_candidates(text: str) -> list[Addr]:
+    """The (address, port) of every ICE-TCP passive candidate an answer's audio section lists,
+    in order (what a TCP-only client connects to); SdpError if it is not SDP."""
+    _, sections = _parse(text)
+    audio = next((s for s in sections if s.kind == "audio" and s.port != 0), None)
+    found: list[Addr] = []
+    for value in audio.attrs("candidate") if audio is not None else ():
+        parts = value.split()
+        extensions = dict(zip(parts[8::2], parts[9::2], strict=False))
+        if len(parts) < 8 or parts[2].lower() != "tcp" or extensions.get("tcptype") != "passive":
+            continue
+        port = _number(parts[5], 5)
+        try:
+            host = str(ipaddress.ip_address(parts[4]))
+        except ValueError:
+            continue
+        if port is not None and 0 < port < 65536:
+            found.append((host, port))
+    return found
+
+
+def _addresses(candidate: Addr | Sequence[Addr]) -> list[Addr]:
+    """One address, or several, as a non-empty list of (host, port)."""
+    if len(candidate) == 2 and isinstance(candidate[0], str):
+        return [(candidate[0], int(candidate[1]))]  # type: ignore[arg-type]
+    addresses = [(str(host), int(port)) for host, port in candidate]  # type: ignore[misc]
+    if not addresses:
+        raise ValueError("an answer needs at least one candidate")
+    return addresses
+
+
 def build_answer(
     offer: Offer,
     *,
@@ -210,12 +288,16 @@ def build_answer(
     ice_pwd: str,
     fingerprint: str,
     dtls_role: str,
-    candidate: Addr,
+    candidate: Addr | Sequence[Addr],
     ssrc: int,
     cname: str,
+    tcp_port: int = 0,
 ) -> str:
-    """The ICE-lite, Opus-only answer, with `candidate` (the relay) as the only candidate."""
-    host, port = candidate
+    """The ICE-lite, Opus-only answer. `candidate` is the relay's public address, or several
+    (IPv4 and IPv6 alike): one host candidate each, in order (`candidate_lines`); the first
+    fills the m- and c-lines. `tcp_port`: the relay's ICE-TCP port, 0 for none."""
+    addresses = _addresses(candidate)
+    host, port = addresses[0]
     setup = "passive" if dtls_role == "server" else "active"
     transport = [
         f"a=ice-ufrag:{ice_ufrag}",
@@ -247,7 +329,7 @@ def build_answer(
         f"a=ssrc:{ssrc} cname:{cname}",
         "a=msid:voicerelay voicerelay-audio",
         *transport,
-        f"a=candidate:1 1 udp 2130706431 {host} {port} typ host",
+        *candidate_lines(addresses, tcp_port),
         "a=end-of-candidates",
     ]
     for other in offer.rejected:
@@ -300,21 +382,34 @@ def parse_answer(text: str) -> Answer:
     setup = _pick("setup", audio, session)
     if not (ufrag and pwd and fingerprint and setup):
         raise SdpError("answer lacks ice-ufrag, ice-pwd, fingerprint or setup")
-    candidate = None
-    for value in audio.attrs("candidate"):
-        parts = value.split()
-        port = _number(parts[5], 5) if len(parts) >= 8 and parts[2].lower() == "udp" else None
-        if port is not None:
-            candidate = (parts[4], port)
-            break
-    if candidate is None:
+    candidates = udp_candidates(audio.attrs("candidate"))
+    if not candidates:
         raise SdpError("answer has no UDP candidate")
     return Answer(
         ufrag,
         pwd,
         normalize_fingerprint(fingerprint),
         setup.strip(),
-        candidate,
+        candidates[0],
         _number(audio.formats[0], 3) or 111,
         any(k == "ice-lite" for k, _ in session),
+        candidates,
     )
+
+
+def udp_candidates(values: list[str]) -> list[Addr]:
+    """The (address, port) of every well-formed UDP candidate among `a=candidate` values, in
+    order, addresses in canonical form; anything else (TCP, names, bad ports) is skipped."""
+    found: list[Addr] = []
+    for value in values:
+        parts = value.split()
+        if len(parts) < 8 or parts[2].lower() != "udp":
+            continue
+        port = _number(parts[5], 5)
+        try:
+            host = str(ipaddress.ip_address(parts[4]))
+        except ValueError:
+            continue  # an mDNS name or garbage: nothing a client can check directly
+        if port is not None and 0 < port < 65536:
+            found.append((host, port))
+    return found

@@ -2,6 +2,7 @@
 
 POST   /v1/sessions        application/sdp offer -> 201, the answer, Location, ETag
 DELETE /v1/sessions/{id}   end the session -> 204
+PATCH  /v1/sessions/{id}   405: no trickle ICE nor ICE restart (RFC 9725 4.3.1)
 GET    /v1/sessions/{id}   that session's stats (JSON)
 GET    /v1/sessions/{id}/events   its conversation events (Server-Sent Events, docs/VOICE.md)
 POST   /v1/client_tokens   (API key) a short-lived token for a browser: {"value", "expires_at"}
@@ -14,8 +15,10 @@ GET    /favicon.ico        the page's icon (SVG)
 Who may call what (API key, client tokens), the per-client rate limit on new sessions, the
 offer caps and CORS are docs/SIGNALING.md; the decisions are pure code in `auth.py`,
 `ratelimit.py` and `sdp.py`, this module only applies them. Every refusal is one line of text
-with its status and is counted by reason (`/v1/stats` -> "signaling"); a request aiohttp cannot
-parse is one short log line at most (`HttpErrorLog`), never a traceback.
+with its status and is counted by reason (`/v1/stats` -> "signaling"), unknown paths and
+methods included; a request aiohttp cannot parse is one short log line at most
+(`HttpErrorLog`), never a traceback. With a certificate (`TransceiverConfig.tls_cert`) all of it
+is served over HTTPS (`voicerelay/tls.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import asyncio
 import json
 import logging
 import math
+import ssl
 import sys
 import time
 from collections import Counter
@@ -35,6 +39,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from voicerelay.addresses import format_addr
 from voicerelay.transceiver.auth import (
     API_KEY_CALLER,
     Access,
@@ -409,8 +414,27 @@ async def guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
             refusal = limited
     except Refused as exc:
         refusal = exc
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+        refusal = unrouted(request, exc)
     guard.counters[refusal.reason] += 1
     return _text(refusal.status, str(refusal), refusal.headers)
+
+
+def unrouted(request: web.Request, exc: web.HTTPException) -> Refused:
+    """A request no route takes, as a one-line refusal: 404, or 405 naming what is allowed
+    (a PATCH of a session: this endpoint does neither trickle ICE nor ICE restarts)."""
+    if not isinstance(exc, web.HTTPMethodNotAllowed):
+        return Refused(404, "not_found", f"nothing at {request.path[:100]}: see docs/SIGNALING.md")
+    allowed = ", ".join(sorted(exc.allowed_methods))
+    headers = {"Allow": allowed}
+    if request.method == "PATCH" and request.path.startswith("/v1/sessions/"):
+        message = (
+            "PATCH is not supported: no trickle ICE or ICE restart here; "
+            "send every candidate in the offer"
+        )
+    else:
+        message = f"{request.method[:16]} is not allowed on {request.path[:100]}: use {allowed}"
+    return Refused(405, "method_not_allowed", message, headers)
 
 
 def preflight(request: web.Request) -> web.Response:
@@ -563,31 +587,49 @@ def resolve_api_key(config: TransceiverConfig) -> ApiKey:
     return ApiKey(value, config.api_key_path, created)
 
 
+def tls_context(config: TransceiverConfig) -> ssl.SSLContext | None:
+    """The HTTPS server context of the configured certificate and key; None for plain HTTP.
+    ConfigError (one line) if they cannot be used."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    from voicerelay.tls import server_context
+
+    return server_context(config.tls_cert, config.tls_key)
+
+
 class Transceiver:
-    """UDP endpoint + HTTP signaling of one transceiver process."""
+    """UDP endpoint + HTTP(S) signaling of one transceiver process."""
 
     def __init__(self, config: TransceiverConfig) -> None:
         self.config = config
+        self.ssl_context = tls_context(config)  # a bad certificate fails here, in one line
         self.api_key = resolve_api_key(config)
         self.server = TransceiverServer(config, load_keys(config.secret_path))
         self._runner: web.AppRunner | None = None
         self.http_addr: tuple[str, int] = config.http
+
+    @property
+    def url(self) -> str:
+        """Where signaling and the page are: `http(s)://host:port` (IPv6 in brackets)."""
+        host, port = self.http_addr[:2]
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
     async def start(self) -> None:
         await self.server.start()
         policy = SignalingPolicy.from_config(self.config, self.api_key.value)
         self._runner = make_runner(self.server, policy=policy)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, *self.config.http)
+        site = web.TCPSite(self._runner, *self.config.http, ssl_context=self.ssl_context)
         await site.start()
         sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
         if sockets:
             self.http_addr = sockets[0].getsockname()[:2]
         log.info(
-            "transceiver up: internal %s:%d, signaling http://%s:%d/, answers name relay %s:%d; %s",
+            "transceiver up: internal %s:%d, signaling %s/, answers name relay %s; %s",
             *self.server.internal_addr,
-            *self.http_addr,
-            *self.config.relay_public,
+            self.url,
+            ", ".join(format_addr(a) for a in self.config.relay_public),
             self.api_key.describe(),
         )
 

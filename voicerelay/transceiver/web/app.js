@@ -10,14 +10,21 @@ const CONNECT_TIMEOUT_S = Number(new URLSearchParams(location.search).get("conne
 const AUTH_REQUIRED = document.querySelector('meta[name="voicerelay-auth"]')?.content === "required";
 const TOKEN = new URLSearchParams(location.hash.slice(1)).get("token") || null;
 if (TOKEN) history.replaceState(null, "", location.pathname + location.search);
+// Browsers offer the microphone only to secure contexts: https, or this machine (localhost).
+const SECURE = window.isSecureContext && Boolean(navigator.mediaDevices?.getUserMedia);
+const INSECURE_MESSAGE = "This page came over plain http from another host, which browsers " +
+  "do not trust with a microphone: open it over https (start the stack with " +
+  "`relayctl up --https`) or on the machine running it as http://localhost.";
 const call = {
   pc: null, stream: null, location: null, timer: null, connectTimer: null,
+  relay: "",        // the relay addresses the answer named, for messages
   feed: null,       // the EventSource of the call's conversation events
   events: [],       // every conversation event received, in order
   transcript: [],   // one entry per bubble: {who: "you" | "agent", text, interrupted}
   speaking: "nobody",
 };
 window.voicerelay = call; // for tests and the curious
+call.format = { fmtMs: (s) => fmtMs(s), meterValue: (l) => meterValue(l) };
 
 // ---- Call state ------------------------------------------------------------------------------
 
@@ -40,7 +47,7 @@ function authHeaders() {
 }
 
 function setInCall(inCall) {
-  $("talk").disabled = inCall || (AUTH_REQUIRED && !TOKEN);
+  $("talk").disabled = inCall || !SECURE || (AUTH_REQUIRED && !TOKEN);
   $("conversation-empty").textContent = inCall
     ? "Listening: say something. (The echo app only plays your voice back, so nothing shows here with it.)"
     : "Press Talk and say something: what you say and what the agent answers appears here.";
@@ -56,6 +63,43 @@ function resetFigures() {
 function resetMeters() {
   $("level-in").value = 0;
   $("level-out").value = 0;
+}
+
+// A level meter's position for a WebRTC audioLevel (linear, 1.0 = full scale): -60 dBFS and
+// below sit at 0, full scale at 1, so speech moves the meter without pinning it.
+function meterValue(level) {
+  if (!(level > 0)) return 0;
+  return Math.max(0, Math.min(1, (20 * Math.log10(level) + 60) / 60));
+}
+
+// A round-trip time in seconds as the page shows it: "-" while unknown (Firefox reports 0
+// before it has measured anything).
+function fmtMs(seconds) {
+  return Number.isFinite(seconds) && seconds > 0 ? (seconds * 1000).toFixed(1) + " ms" : "-";
+}
+
+// The relay addresses an answer lists (its candidates), for messages: "192.0.2.1:3478, ...".
+function answerRelays(sdp) {
+  return sdp.split(/\r?\n/).filter((l) => l.startsWith("a=candidate:"))
+    .map((l) => l.split(" ")).filter((f) => f.length >= 6)
+    .map((f) => (f[4].includes(":") ? `[${f[4]}]` : f[4]) + ":" + f[5] + (f[2] === "tcp" ? "/tcp" : ""))
+    .join(", ");
+}
+
+// What to do after an ICE/DTLS failure, in one sentence.
+function relayAdvice() {
+  const where = call.relay ? ` at ${call.relay}` : "";
+  return ` Check that the relay is running and that this device reaches its UDP port${where}; ` +
+    "the stack must advertise an address this device can reach (relayctl up --advertise), " +
+    "then press Talk again.";
+}
+
+function microphoneAdvice(err) {
+  if (err.name === "NotAllowedError") {
+    return " Allow the microphone for this page (the icon in the address bar), then press Talk again.";
+  }
+  if (err.name === "NotFoundError") return " Connect a microphone, then press Talk again.";
+  return " Check the microphone is not in use by another program, then press Talk again.";
 }
 
 function waitForIceGathering(pc, ms) {
@@ -78,7 +122,7 @@ async function talk() {
     call.stream = await navigator.mediaDevices.getUserMedia({ audio: true, video: false });
   } catch (err) {
     setInCall(false);
-    showError("Microphone unavailable: " + err.message);
+    showError("Microphone unavailable: " + err.message + "." + microphoneAdvice(err));
     return;
   }
   const pc = new RTCPeerConnection({ iceServers: [] });
@@ -95,7 +139,8 @@ async function talk() {
     $("pc-state").textContent = s;
     if (s === "connected") { clearTimeout(call.connectTimer); setState("connected", "connected"); }
     if (s === "failed") {
-      showError("The connection failed: ICE or DTLS did not get through to the relay.");
+      showError("The connection failed: ICE or DTLS did not get through to the relay." +
+        relayAdvice());
       hangup(true, true);
     }
     if (s === "disconnected") setState("disconnected", "connecting");
@@ -121,15 +166,18 @@ async function talk() {
     body = await resp.text();
   } catch (err) {
     hangup(false, true);
-    showError("Signaling is unreachable: " + err.message);
+    showError("Signaling is unreachable: " + err.message + ". Check that the stack is still " +
+      "running (relayctl up), then reload this page and press Talk.");
     return;
   }
   if (resp.status !== 201) {
     hangup(false, true);
-    showError(`Signaling refused the call: HTTP ${resp.status} ${body.trim()}`);
+    showError(`Signaling refused the call: HTTP ${resp.status} ${body.trim()}.` +
+      (REFUSAL_ADVICE[resp.status] || ""));
     if (resp.status === 401) $("auth-needed").hidden = false; // how to get a (new) token
     return;
   }
+  call.relay = answerRelays(body);
   call.location = resp.headers.get("Location");
   openFeed(call.location);
   try {
@@ -143,12 +191,21 @@ async function talk() {
   call.connectTimer = setTimeout(() => {
     if (pc.connectionState !== "connected") {
       showError(`No connection after ${CONNECT_TIMEOUT_S} s: ICE/DTLS did not complete ` +
-        "through the relay. Is the relay running, and reachable at the address in the answer?");
+        "through the relay." + relayAdvice());
       hangup(true, true);
     }
   }, CONNECT_TIMEOUT_S * 1000);
   call.timer = setInterval(updateStats, 500);
 }
+
+// What to do when signaling refuses, by status.
+const REFUSAL_ADVICE = {
+  401: " This page needs a client token (see below).",
+  403: " This token may not place calls: ask the app's backend for a new one.",
+  413: " The browser's offer was too large: reload the page and try again.",
+  429: " Too many calls from this address: wait a few seconds and press Talk again.",
+  503: " The transceiver is full: try again in a moment.",
+};
 
 function fmt(n) { return n === undefined || n === null ? "-" : String(n); }
 
@@ -159,6 +216,7 @@ async function updateStats() {
   try { report = await pc.getStats(); } catch (err) { return; } // closed meanwhile
   if (call.pc !== pc) return; // hung up while the report was on its way: leave the idle figures
   let pair = null;
+  let rtt = null;
   const byId = {};
   report.forEach((s) => { byId[s.id] = s; });
   report.forEach((s) => {
@@ -166,27 +224,35 @@ async function updateStats() {
       $("dtls-state").textContent = fmt(s.dtlsState);
       if (s.selectedCandidatePairId) pair = byId[s.selectedCandidatePairId];
     }
+    // Firefox has no transport stats: its pair in use says `selected` (or is the nominated one).
+    if (s.type === "candidate-pair" && !pair && (s.selected || (s.nominated && s.state === "succeeded"))) {
+      pair = s;
+    }
     if (s.type === "outbound-rtp" && s.kind === "audio") $("sent").textContent = fmt(s.packetsSent);
     if (s.type === "remote-inbound-rtp" && s.kind === "audio") {
       $("lost-out").textContent = fmt(s.packetsLost);
-      if (s.roundTripTime !== undefined) $("rtt").textContent = (s.roundTripTime * 1000).toFixed(1) + " ms";
+      if (s.roundTripTime > 0) rtt = s.roundTripTime;
     }
     if (s.type === "inbound-rtp" && s.kind === "audio") {
       $("received").textContent = fmt(s.packetsReceived);
       $("lost-in").textContent = fmt(s.packetsLost);
-      if (s.audioLevel !== undefined) $("level-in").value = Math.min(1, s.audioLevel * 3);
+      if (s.audioLevel !== undefined) $("level-in").value = meterValue(s.audioLevel);
     }
     if (s.type === "media-source" && s.kind === "audio" && s.audioLevel !== undefined) {
-      $("level-out").value = Math.min(1, s.audioLevel * 3);
+      $("level-out").value = meterValue(s.audioLevel);
     }
   });
+  const dtls = pc.getSenders().map((sender) => sender.transport).find(Boolean);
+  if ($("dtls-state").textContent === "-" && dtls) $("dtls-state").textContent = dtls.state;
   if (pair) {
-    if (pair.currentRoundTripTime !== undefined) {
-      $("rtt").textContent = (pair.currentRoundTripTime * 1000).toFixed(1) + " ms";
-    }
+    if (pair.currentRoundTripTime > 0) rtt = pair.currentRoundTripTime;
     const remote = byId[pair.remoteCandidateId];
-    if (remote) $("route").textContent = `relay ${remote.address || remote.ip}:${remote.port}`;
+    if (remote) {
+      const host = remote.address || remote.ip;
+      $("route").textContent = `relay ${host.includes(":") ? `[${host}]` : host}:${remote.port}`;
+    }
   }
+  $("rtt").textContent = fmtMs(rtt);
 }
 
 // End the call (DELETE the session unless told not to); `failed` keeps the error on show.
@@ -420,3 +486,4 @@ $("hangup").addEventListener("click", () => hangup(true));
 resetMeters();
 setInCall(false);
 $("auth-needed").hidden = !(AUTH_REQUIRED && !TOKEN);
+if (!SECURE) { $("insecure").textContent = INSECURE_MESSAGE; $("insecure").hidden = false; }

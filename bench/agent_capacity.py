@@ -13,8 +13,9 @@ rooms per CPU; Pipecat about 20 % of a core per call.
   10 phases. Each call talks in turns from pre-encoded Opus packets (no encoding per call): an
   espeak-ng sentence, then listening with faint noise (-61 dBFS) for as long as the echoed reply
   takes to play, each call at its own offset in that cycle. So the transceiver decodes, runs
-  the jitter buffer and VAD, resamples, frames 100 ms appends, commits, parses the reply's
-  deltas, resamples them back, paces, encodes and protects, for every call.
+  the jitter buffer and VAD (resampling where the agent's rate is not one Opus runs at),
+  frames 100 ms appends, commits, parses the reply's deltas, paces, encodes and protects, for
+  every call.
 - Per step: add calls, wait until each call's bridge connected, talk for a warm-up and a measured
   window, stop, let the replies play out, then compare what the clients sent and got with each
   session's own counters (GET /v1/sessions/{id}). Late frames: the pacer's late slots (a frame

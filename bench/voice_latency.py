@@ -129,8 +129,8 @@ STAGE_METHODS: dict[str, dict[str, str]] = {
     "jitter": {"push": "jitter buffer", "pop": "jitter buffer"},
     "decoder": {"decode": "Opus decode", "conceal": "Opus decode", "recover": "Opus decode"},
     "endpointer": {"push": "VAD + endpointing"},
-    "to_agent": {"process": "resample 48k->24k"},
-    "from_agent": {"process": "resample 24k->48k"},
+    "to_agent": {"process": "resample in"},
+    "from_agent": {"process": "resample out"},
     "pacer": {"enqueue": "pacer", "pop_due": "pacer"},
     "encoder": {"encode": "Opus encode"},
     "sender": {"stamp": "RTP header"},
@@ -138,10 +138,12 @@ STAGE_METHODS: dict[str, dict[str, str]] = {
 
 
 def instrument(audio: CallAudio, samples: Samples) -> None:
-    """Time every stage of `audio` (again after it replaced a part, e.g. its resampler)."""
+    """Time every stage of `audio` (again after it replaced a part, e.g. its resampler; a part
+    the call does without, e.g. a resampler when Opus runs at the agent's rate, stays None)."""
     for part, methods in STAGE_METHODS.items():
-        if not isinstance(getattr(audio, part), Timed):
-            setattr(audio, part, Timed(getattr(audio, part), samples, methods))
+        target = getattr(audio, part)
+        if target is not None and not isinstance(target, Timed):
+            setattr(audio, part, Timed(target, samples, methods))
 
 
 def timing_overhead_us(iterations: int = 20000) -> float:
@@ -424,31 +426,35 @@ def call_parts() -> CallAudio:
 
 
 def opus_lookahead_ms() -> float:
-    """The Opus codec's algorithmic delay with the call's own encoder settings, measured: a noise
-    burst through the call's `OpusEncoder` and an `OpusDecoder`, and the lag of the best
-    cross-correlation."""
+    """The Opus codec's algorithmic delay with the call's own encoder (rate and settings),
+    measured: a noise burst through it and an `OpusDecoder` at its rate, and the lag of the
+    best cross-correlation."""
+    parts = call_parts()
+    rate, frame = parts.codec_rate, parts.frame
     rng = np.random.default_rng(1)
-    pcm = np.zeros(FRAME * 50, np.int16)
-    pcm[FRAME * 10 : FRAME * 30] = rng.normal(0, 6000, FRAME * 20).astype(np.int16)
-    encoder, decoder = call_parts().encoder, OpusDecoder(MEDIA_RATE)
+    pcm = np.zeros(frame * 50, np.int16)
+    pcm[frame * 10 : frame * 30] = rng.normal(0, 6000, frame * 20).astype(np.int16)
+    encoder, decoder = parts.encoder, OpusDecoder(rate)
     out = np.concatenate(
-        [decoder.decode(encoder.encode(pcm[i : i + FRAME])) for i in range(0, pcm.size, FRAME)]
+        [decoder.decode(encoder.encode(pcm[i : i + frame])) for i in range(0, pcm.size, frame)]
     )
-    lags = np.arange(0, 1000)
+    lags = np.arange(0, rate // 50)
     score = [float(np.dot(pcm[: pcm.size - lag], out[lag:].astype(np.float64))) for lag in lags]
-    return 1000 * int(lags[int(np.argmax(score))]) / MEDIA_RATE
+    return 1000 * int(lags[int(np.argmax(score))]) / rate
 
 
 def first_frame_hold_ms(delta_ms: int) -> float:
     """How long after the reply's first delta arrives its first 20 ms frame can go out, when
-    deltas of `delta_ms` come in real time through the call's 24k -> 48k resampler: soxr's
-    hold-back costs the first frame nothing while a delta carries more than it holds."""
-    resampler = call_parts().from_agent
+    deltas of `delta_ms` come in real time through the call's agent -> codec rate resampler: soxr's
+    hold-back costs the first frame nothing while a delta carries more than it holds (and with
+    no resampler, Opus at the agent's rate, a frame goes as soon as a delta holds 20 ms)."""
+    parts = call_parts()
+    resampler = parts.from_agent
     chunk = np.full(AGENT_RATE * delta_ms // 1000, 1000, np.int16)
     out = 0
     for k in range(100):
-        out += resampler.process(chunk).size
-        if out >= FRAME:
+        out += chunk.size if resampler is None else resampler.process(chunk).size
+        if out >= parts.frame:
             return k * delta_ms
     return float("nan")
 
@@ -456,8 +462,9 @@ def first_frame_hold_ms(delta_ms: int) -> float:
 def group_delays() -> dict[str, float]:
     parts = call_parts()
     return {
-        "resample_48k_24k_ms": parts.to_agent.delay_ms,
-        "resample_24k_48k_ms": parts.from_agent.delay_ms,
+        "codec_rate": parts.codec_rate,
+        "resample_in_ms": 0.0 if parts.to_agent is None else parts.to_agent.delay_ms,
+        "resample_out_ms": 0.0 if parts.from_agent is None else parts.from_agent.delay_ms,
         "first_frame_hold_100ms_deltas_ms": first_frame_hold_ms(100),
         "first_frame_hold_20ms_deltas_ms": first_frame_hold_ms(20),
         "opus_lookahead_ms": opus_lookahead_ms(),
@@ -825,7 +832,7 @@ def stage_table(samples: Samples, notes: dict[str, str], overhead_us: float) -> 
         ("in", "jitter buffer", "push/pop"),
         ("in", "Opus decode", "frame"),
         ("in", "VAD + endpointing", "frame"),
-        ("in", "resample 48k->24k", "frame"),
+        ("in", "resample in", "frame"),
         ("in", "in: CallAudio per packet (total)", "packet"),
         ("up", f"bridge up: append {APPEND_MS} ms", "event"),
         ("up", "bridge up: turn end (rest, commit, create)", "turn"),
@@ -837,7 +844,7 @@ def stage_table(samples: Samples, notes: dict[str, str], overhead_us: float) -> 
         ("down", "bridge down: parse created / item added", "event"),
         ("down", f"bridge down: parse delta {DELTA_MS} ms", "event"),
         ("out", f"out: play {DELTA_MS} ms (resample + enqueue)", "delta"),
-        ("out", "resample 24k->48k", "delta"),
+        ("out", "resample out", "delta"),
         ("out", "pacer", "enqueue/pop"),
         ("out", "Opus encode", "frame"),
         ("out", "RTP header", "frame"),
@@ -865,6 +872,12 @@ def stage_table(samples: Samples, notes: dict[str, str], overhead_us: float) -> 
     )
 
 
+def resampler_note(delay_ms: float, codec_rate: float) -> str:
+    if not delay_ms:
+        return f"no resampler: Opus runs at the agent's rate ({codec_rate / 1000:g} kHz)"
+    return f"soxr holds {delay_ms:.1f} ms (its delay_ms)"
+
+
 def stage_notes(
     rows: list[EndpointRow], holds: dict[str, Any], delays: dict[str, float]
 ) -> dict[str, str]:
@@ -881,14 +894,12 @@ def stage_notes(
             f"frame: VAD tail {p50([r.vad_tail_ms for r in rows]):.1f} + hangover "
             f"{p50([r.hangover_ms for r in rows]):.0f}"
         ),
-        "resample 48k->24k": (
-            f"holds {delays['resample_48k_24k_ms']:.1f} ms (soxr delay_ms); not on the turn's "
-            "path (TurnEnded precedes it)"
-        ),
+        "resample in": resampler_note(delays["resample_in_ms"], delays["codec_rate"])
+        + ("; not on the turn's path (TurnEnded precedes it)" if delays["resample_in_ms"] else ""),
         f"out: play {DELTA_MS} ms (resample + enqueue)": (
-            f"soxr holds {delays['resample_24k_48k_ms']:.1f} ms; first frame waits "
-            f"{delays['first_frame_hold_100ms_deltas_ms']:.0f} ms with 100 ms deltas, "
-            f"{delays['first_frame_hold_20ms_deltas_ms']:.0f} ms with 20 ms deltas"
+            resampler_note(delays["resample_out_ms"], delays["codec_rate"])
+            + f"; first frame waits {delays['first_frame_hold_100ms_deltas_ms']:.0f} ms with "
+            f"100 ms deltas, {delays['first_frame_hold_20ms_deltas_ms']:.0f} ms with 20 ms deltas"
         ),
         "pacer": (
             f"first frame due {p50([r.pacing_wait_ms for r in rows]):.1f} ms after play "

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import sync_playwright
@@ -31,9 +32,17 @@ from playwright.sync_api import sync_playwright
 from tests.e2e.conftest import UpStack
 from tests.support import netns
 from tests.support.netns import ClientHost
-from tests.support.procs import RELAYCTL, free_ports, wait_for
+from tests.support.procs import (
+    RELAYCTL,
+    RelayProcess,
+    TransceiverProcess,
+    free_ports,
+    wait_for,
+)
 from voicerelay.relay import control
 from voicerelay.relay.config import RelayConfig
+from voicerelay.transceiver import sdp
+from voicerelay.wire.token import write_new_secret
 
 CHROMIUM = "/usr/bin/chromium"
 API_KEY = "ice-tcp-test-key-0123456789abcdef"
@@ -47,6 +56,19 @@ def tcp_stack(state_dir, bind: str, *extra: str) -> UpStack:
         extra=["--bind", bind, "--advertise", bind, "--tcp-port", str(tcp_port), *extra],
     )
     stack.tcp_port = tcp_port
+    return stack
+
+
+def serving(stack: UpStack) -> UpStack:
+    """`stack` once both relay workers listen on its TCP port (the page may answer first)."""
+
+    def listeners() -> int:
+        sockets = psutil.net_connections(kind="tcp")
+        return sum(
+            c.status == psutil.CONN_LISTEN and c.laddr.port == stack.tcp_port for c in sockets
+        )
+
+    wait_for(lambda: listeners() == 2, 10, 0.02, "the relay workers' TCP port")
     return stack
 
 
@@ -66,15 +88,16 @@ def relayctl_call(url: str, *args: str, timeout: float = 60) -> subprocess.Compl
 
 @pytest.mark.parametrize("bind", ["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])
 def test_relayctl_call_tcp_hears_its_tone_over_tcp_alone(tmp_path, bind):
-    stack = tcp_stack(tmp_path / "state", bind).start()
+    stack = tcp_stack(tmp_path / "state", bind)
     try:
+        serving(stack.start())
         answer = relayctl_call(stack.url, "--tcp", "--json")
         report = json.loads(answer.stdout)
         assert answer.returncode == 0, answer.stdout + answer.stderr
         assert report["tone_came_back"] and report["purity"] > 0.9
         assert report["candidates"] == [[bind, stack.tcp_port]]  # the answer's TCP candidate
-        tcp_line = f"tcp {'1520435199'} {bind} {stack.tcp_port} typ host tcptype passive"
-        udp_line = f"udp 2130706431 {bind} {stack.public_port} typ host"
+        tcp_line = f"tcp {sdp.tcp_priority(0)} {bind} {stack.tcp_port} typ host tcptype passive"
+        udp_line = f"udp {sdp.host_priority(0)} {bind} {stack.public_port} typ host"
         lines = report["answer_sdp"].splitlines()
         assert [i for i, line in enumerate(lines) if udp_line in line] < [
             i for i, line in enumerate(lines) if tcp_line in line
@@ -93,6 +116,21 @@ def test_relayctl_call_tcp_says_so_when_the_stack_serves_no_tcp(up_stack):
     assert answer.returncode == 1
     assert answer.stdout.strip().startswith("call failed: the answer lists no ICE-TCP candidate")
     assert "relayctl up --tcp-port" in answer.stdout
+
+
+def test_relayctl_call_tcp_names_ice_when_nothing_listens_at_the_tcp_candidate(tmp_path):
+    relay = RelayProcess(tmp_path / "state")  # never started: nothing behind the answer
+    write_new_secret(relay.secret_file)
+    closed = free_ports(1, socket.SOCK_STREAM)
+    with TransceiverProcess(relay, extra=["--tcp-port", str(closed)]) as transceiver:
+        answer = relayctl_call(transceiver.url, "--tcp", "--timeout", "3")
+        assert answer.returncode == 1
+        line = answer.stdout.strip()
+        assert line.startswith("call failed: ICE over TCP failed: no TCP connection"), line
+        assert f"127.0.0.1:{closed}: Connection refused" in line
+        wait_for(
+            lambda: transceiver.stats()["closed"].get("deleted") == 1, 5, what="the session deleted"
+        )
 
 
 # -- Chromium behind a firewall that drops UDP ------------------------------------------------
@@ -169,7 +207,7 @@ def chromium_without_udp(tmp_path: Path) -> Iterator[tuple[ClientHost, UpStack, 
         host.run(["nft", "-f", "-"], input=BLOCK_UDP, text=True, check=True)
         stack = tcp_stack(tmp_path / "state", host.server_address(), "--api-key", API_KEY)
         try:
-            stack.start()
+            serving(stack.start())
             browser = host.wrapper(CHROMIUM, tmp_path / "chromium-in-netns")
             flags = [*CHROMIUM_FLAGS, f"--unsafely-treat-insecure-origin-as-secure={stack.url}"]
             with sync_playwright() as p:

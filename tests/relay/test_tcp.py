@@ -10,16 +10,18 @@ import ipaddress
 import os
 import socket
 import struct
+import subprocess
 import time
 import uuid
 
+import psutil
 import pytest
 import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from tests.support.procs import RelayProcess, free_ports, wait_for
+from tests.support.procs import RELAYCTL, RelayProcess, free_ports, wait_for
 from tests.support.standin import StandIn, binding_request
 from voicerelay.relay.mmsg import DatagramBatch
 from voicerelay.relay.router import COUNTER_FIELDS, MAX_DATAGRAM, TCP_COUNTERS, RelayRouter
@@ -530,6 +532,16 @@ class TcpClient:
             self.sock.close()
 
 
+def listening(relay: RelayProcess) -> bool:
+    """Does every worker listen on the relay's TCP port yet? (`relayctl start` returns once
+    the launcher answers; its workers may still be binding.)"""
+    sockets = psutil.net_connections(kind="tcp")
+    count = sum(
+        1 for c in sockets if c.status == psutil.CONN_LISTEN and c.laddr.port == relay.tcp_port
+    )
+    return count == relay.workers
+
+
 @pytest.fixture(scope="module")
 def transceiver():
     standin = StandIn(echo=True).start()
@@ -544,6 +556,7 @@ def tcp_relay(tmp_path_factory):
         tmp_path_factory.mktemp("tcp-relay"), workers=2, extra=["--tcp-port", str(port)]
     ) as proc:
         proc.tcp_port = port
+        wait_for(lambda: listening(proc), 10, 0.02, "the workers' TCP port")
         yield proc
 
 
@@ -554,7 +567,7 @@ def _grown(relay: RelayProcess, before: dict, counter_name: str, by: int) -> boo
 def test_tcp_clients_reach_the_transceiver_and_hear_it_back(tcp_relay, transceiver):
     keys = load_keys(tcp_relay.secret_file)
     before = tcp_relay.stats()
-    clients = [TcpClient(tcp_relay.tcp_port) for _ in range(6)]  # spread over both workers
+    clients = [TcpClient(tcp_relay.tcp_port) for _ in range(16)]  # spread over both workers
     try:
         for client in clients:
             client.send(binding_request(keys, transceiver.addr))
@@ -568,15 +581,15 @@ def test_tcp_clients_reach_the_transceiver_and_hear_it_back(tcp_relay, transceiv
             clients[0].sock.sendall(bytes([byte]))
         assert clients[0].receive(1) == [b"E\x80split"]
         stats = wait_for(  # counters are published every tick
-            lambda: (s := tcp_relay.stats())["totals"]["tcp_connections"] == 6 and s,
+            lambda: (s := tcp_relay.stats())["totals"]["tcp_connections"] == 16 and s,
             5,
             0.05,
             "the connections counted",
         )
-        assert stats["totals"]["tcp_flows"] == 6
+        assert stats["totals"]["tcp_flows"] == 16
         assert stats["table_flows"] == before["table_flows"]  # TCP flows stay in their worker
         assert sum(1 for w in stats["workers"] if w["counters"]["tcp_flows"]) == 2
-        assert "tcp: 6 connections open, 6 with a flow" in tcp_relay.ctl("stats").stdout
+        assert "tcp: 16 connections open, 16 with a flow" in tcp_relay.ctl("stats").stdout
     finally:
         for client in clients:
             client.close()
@@ -625,6 +638,7 @@ def small_relay(tmp_path):
     extra = ["--tcp-port", str(port), "--tcp-connections", "2", "--unanswered-timeout", "1"]
     with RelayProcess(tmp_path / "state", workers=1, extra=extra) as proc:
         proc.tcp_port = port
+        wait_for(lambda: listening(proc), 10, 0.02, "the worker's TCP port")
         yield proc
 
 
@@ -688,3 +702,41 @@ def test_a_tcp_flow_its_transceiver_never_answers_is_closed_like_a_udp_one(small
     finally:
         client.close()
         silent.close()
+
+
+# One-line refusals ----------------------------------------------------------------------------
+
+
+def relayctl(state_dir, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VOICERELAY_STATE_DIR": str(state_dir)}
+    return subprocess.run([*RELAYCTL, *args], env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_a_wrong_or_taken_tcp_port_is_one_line(tmp_path):
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        listen = f"127.0.0.1:{free_ports(1)}"
+        cases = {
+            (
+                "start",
+                "--listen",
+                listen,
+                "--tcp-port",
+                "70000",
+            ): "--tcp-port 70000 is out of range",
+            ("start", "--listen", listen, "--tcp-port", str(taken.getsockname()[1])): (
+                f"TCP port 127.0.0.1:{taken.getsockname()[1]} is in use"
+            ),
+            ("start", "--listen", listen, "--tcp-port", "1", "--tcp-connections", "0"): (
+                "--tcp-connections 0 is out of range"
+            ),
+            ("call", "http://127.0.0.1:9", "--tcp", "--play", __file__): "--tcp places the tone",
+        }
+        for args, line in cases.items():
+            result = relayctl(tmp_path, *args)
+            assert result.returncode == 2, (args, result.stderr)
+            assert line in result.stderr and len(result.stderr.strip().splitlines()) == 1, args
+    finally:
+        taken.close()

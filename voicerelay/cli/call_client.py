@@ -1078,7 +1078,9 @@ class FramedTcp(asyncio.Protocol):
     """One TCP connection as a `ClientCall`'s datagram transport: each datagram the call sends
     is one RFC 4571 frame, each frame received a datagram from `remote`."""
 
-    def __init__(self, deliver: Callable[[bytes, tuple[str, int]], None], remote: tuple[str, int]):
+    def __init__(
+        self, deliver: Callable[[bytes, tuple[str, int]], None], remote: tuple[str, int]
+    ) -> None:
         from voicerelay.relay.tcp import FrameDecoder
 
         self.deliver = deliver
@@ -1139,10 +1141,15 @@ class TcpClientCall(ClientCall):
 
 
 async def _tcp_connect(
-    call: Any, candidates: list[tuple[str, int]], local_address: str | None, timeout: float
+    call: TcpClientCall,
+    candidates: list[tuple[str, int]],
+    local_address: str | None,
+    timeout: float,
 ) -> FramedTcp:
     """A framed TCP connection to the first candidate that accepts one, as `call`'s transport;
     `_CallFailed` (step ICE) naming what was tried if none does."""
+    import os
+
     loop = asyncio.get_running_loop()
     errors = []
     for remote in candidates:
@@ -1157,7 +1164,8 @@ async def _tcp_connect(
                 timeout,
             )
         except (OSError, TimeoutError) as exc:
-            errors.append(f"{_addrs([remote])}: {exc.strerror or 'timed out'}")
+            why = os.strerror(exc.errno) if exc.errno else str(exc) or "timed out"
+            errors.append(f"{_addrs([remote])}: {why}")
             continue
         call.transport = framed
         return framed
@@ -1168,10 +1176,20 @@ async def _tcp_connect(
     )
 
 
+@dataclass
+class _TcpOffered:
+    """What signaling settled for a TCP call: the answer, our ICE credentials, when we posted."""
+
+    answer: Any  # sdp.Answer
+    ufrag: str
+    pwd: str
+    posted: float
+
+
 async def _tcp_signal(
     http: aiohttp.ClientSession, url: str, report: CallReport, certificate: Any
-) -> tuple[Any, str, str, float]:
-    """Post a client-role offer; (the answer, our ICE ufrag and password, when posted)."""
+) -> _TcpOffered:
+    """Post a client-role offer and read the answer's ICE-TCP candidates into `report`."""
     import base64
     import os
 
@@ -1197,7 +1215,10 @@ async def _tcp_signal(
             raise _CallFailed(
                 f"signaling answered {resp.status}: {body.strip()}" + (f"; {fix}" if fix else "")
             )
-        report.session_url = str(resp.url.join(aiohttp.client.URL(resp.headers["Location"])))
+        location = resp.headers.get("Location")
+        if not location:
+            raise _CallFailed("signaling answered 201 without a Location header")
+        report.session_url = str(resp.url.join(aiohttp.client.URL(location)))
         report.answer_sdp = body
     try:
         answer = sdp.parse_answer(body)
@@ -1211,13 +1232,13 @@ async def _tcp_signal(
             "ICE",
         )
     report.candidates = [list(c) for c in tcp]
-    return answer, ufrag, pwd, posted
+    return _TcpOffered(answer, ufrag, pwd, posted)
 
 
 class _TcpMedia:
     """The tone out (Opus, 20 ms frames) and what came back, decoded, with arrival times."""
 
-    def __init__(self, call: Any, tone_hz: float) -> None:
+    def __init__(self, call: TcpClientCall, tone_hz: float) -> None:
         from voicerelay.voice.opus import OpusDecoder, OpusEncoder
 
         self.call = call
@@ -1253,10 +1274,11 @@ class _TcpMedia:
 
 
 async def _tcp_media(
-    call: Any, framed: FramedTcp, media: _TcpMedia, seconds: float, timeout: float
-) -> None:
-    """Send the tone every 20 ms until `seconds` after the first echoed audio; `_CallFailed`
-    (step media) if none came back within `timeout`, or if the relay closed the connection."""
+    call: TcpClientCall, framed: FramedTcp, media: _TcpMedia, seconds: float, timeout: float
+) -> float:
+    """Send the tone every 20 ms until `seconds` after the first echoed audio (returned: when it
+    arrived); `_CallFailed` (step media) if none came back within `timeout`, or if the call or
+    its connection ended."""
     loop = asyncio.get_running_loop()
     start, secure_at = loop.time(), time.monotonic()
     while True:
@@ -1272,12 +1294,12 @@ async def _tcp_media(
                 "media",
             )
         if media.first_audio is not None and now - media.first_audio >= seconds:
-            return
+            return media.first_audio
         media.send_next()
         await asyncio.sleep(max(0.0, start + media.sent * 0.02 - loop.time()))
 
 
-async def _tcp_secure(call: Any, framed: FramedTcp, timeout: float) -> None:
+async def _tcp_secure(call: TcpClientCall, framed: FramedTcp, timeout: float) -> None:
     """Wait for ICE and DTLS over the connection; `_CallFailed` naming the step otherwise."""
     lost = asyncio.ensure_future(asyncio.shield(framed.lost))
     try:
@@ -1310,7 +1332,8 @@ async def place_tcp_call(
     cafile: Path | None = None,
 ) -> CallReport:
     """`place_call` over ICE-TCP only: the answer's passive TCP candidate, RFC 4571 framing,
-    the project's own client `Session`; never raises for call failures."""
+    the project's own client `Session`; never raises for call failures. The report's
+    `candidates` are the answer's ICE-TCP ones; a call that fails after signaling is deleted."""
     from voicerelay.transceiver.certificate import Certificate
 
     report = CallReport(url=url, tone_hz=tone_hz)
@@ -1318,20 +1341,11 @@ async def place_tcp_call(
     call = TcpClientCall(certificate)
     try:
         async with http_session(token, cafile) as http:
-            answer, ufrag, pwd, posted = await _tcp_signal(http, url, report, certificate)
-            candidates = [tuple(c) for c in report.candidates]
-            framed = await _tcp_connect(call, candidates, local_address, timeout)
-            report.local_addresses = [framed.get_extra_info("sockname")[0]]
-            call.start(answer, ufrag, pwd, framed.remote)
-            await _tcp_secure(call, framed, timeout)
-            media = _TcpMedia(call, tone_hz)
-            await _tcp_media(call, framed, media, seconds, timeout)
-            report.connected = True
-            report.setup_ms = (media.first_audio - posted) * 1000
-            ticks = [media.first_audio, *media.arrivals, time.monotonic()]
-            _judge_tone(report, media.received, ticks)
-            report.stats["client"] = {"rtp_sent": call.rtp_sent, "rtp_received": call.rtp_received}
-            await _tcp_hang_up(http, report)
+            offered = await _tcp_signal(http, url, report, certificate)
+            try:
+                await _tcp_call(call, report, offered, local_address, seconds, timeout)
+            finally:
+                await _tcp_hang_up(http, report)
     except _CallFailed as exc:
         report.error, report.step = str(exc), exc.step
     except (aiohttp.ClientError, OSError) as exc:
@@ -1339,6 +1353,29 @@ async def place_tcp_call(
     finally:
         call.close()
     return report
+
+
+async def _tcp_call(
+    call: TcpClientCall,
+    report: CallReport,
+    offered: _TcpOffered,
+    local_address: str | None,
+    seconds: float,
+    timeout: float,
+) -> None:
+    """Connect to the answer's ICE-TCP candidate, run ICE and DTLS, send the tone and judge
+    what came back into `report`; `_CallFailed` naming the step otherwise."""
+    candidates = [tuple(c) for c in report.candidates]
+    framed = await _tcp_connect(call, candidates, local_address, timeout)
+    report.local_addresses = [framed.get_extra_info("sockname")[0]]
+    call.start(offered.answer, offered.ufrag, offered.pwd, framed.remote)
+    await _tcp_secure(call, framed, timeout)
+    media = _TcpMedia(call, report.tone_hz)
+    first_audio = await _tcp_media(call, framed, media, seconds, timeout)
+    report.connected = True
+    report.setup_ms = (first_audio - offered.posted) * 1000
+    _judge_tone(report, media.received, [first_audio, *media.arrivals, time.monotonic()])
+    report.stats["client"] = {"rtp_sent": call.rtp_sent, "rtp_received": call.rtp_received}
 
 
 async def _tcp_hang_up(http: aiohttp.ClientSession, report: CallReport) -> None:

@@ -222,6 +222,7 @@ def start(listen: str, state_dir: Path | None, foreground: bool, **options: Any)
     click.echo(
         f"relay started on {format_addr((config.listen_host, config.listen_port))} "
         f"with {config.workers} workers (pid {pid}); log: {config.log_file}"
+        + (f"\n  ICE over TCP on port {config.tcp_port}" if config.tcp_port else "")
         + wildcard_note(config.listen_host)
     )
 

@@ -177,6 +177,8 @@ def _check(config: RelayConfig) -> None:
     check_port_free(config.listen_host, config.listen_port, "listen address", "--listen")
     for i in range(config.workers):
         check_port_free(*config.internal_addr(i), "internal address", "--internal")
+    if config.tcp_port:
+        check_port_free(config.listen_host, config.tcp_port, "TCP port", "--tcp-port", tcp=True)
     for name in (config.shm_name, config.counters_name):
         owner = segment.live_owner(name)
         if owner is not None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 import struct
 import time
@@ -45,8 +44,6 @@ from voicerelay.net import family_of
 from voicerelay.relay.mmsg import DatagramBatch
 from voicerelay.relay.router import MAX_DATAGRAM, RelayRouter
 from voicerelay.wire.addr import canonical, sockaddr
-
-log = logging.getLogger("voicerelay.worker.tcp")
 
 MAX_FRAME = MAX_DATAGRAM  # longer frames are not WebRTC media: skipped, counted
 LENGTH = struct.Struct("!H")
@@ -270,6 +267,9 @@ class TcpConnection(asyncio.Protocol):
 
 @dataclass
 class TcpSettings:
+    """Where a worker listens for ICE over TCP, how many connections it keeps, and how long
+    one may stay silent."""
+
     host: str
     port: int
     limit: int = 1024  # connections this worker keeps

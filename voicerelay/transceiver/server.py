@@ -254,6 +254,7 @@ class TransceiverServer(asyncio.DatagramProtocol):
             fingerprint=self.certificate.fingerprint,
             dtls_role=dtls_role,
             candidate=self.config.relay_public,
+            tcp_port=self.config.relay_tcp_port,
             ssrc=ssrc,
             cname=f"voicerelay-{call.id[:8]}",
         )

@@ -335,7 +335,7 @@ class LoadClient:
     def _tick(self) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        while self._next <= now:  # every sub-tick due by now, in order
+        while self._next <= now + 0.001:  # due by now (timers fire up to 1 ms early)
             if self._next < now - TICK:
                 self.missed_ticks += 1
             else:

@@ -190,10 +190,10 @@ class ClientCall(asyncio.DatagramProtocol):
             self.received.append((now, packet))
 
     def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_when = None
+        when, self._timer, self._timer_when = self._timer_when, None, None
         if self.session is not None and not self.timers_paused:
-            self.session.handle_timer(self.clock())
+            # libuv fires timers up to a millisecond early: the deadline has come all the same
+            self.session.handle_timer(max(self.clock(), when or 0.0))
             self._after_input()
 
     def _transmit(self) -> None:

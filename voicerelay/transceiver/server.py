@@ -29,11 +29,14 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from voicerelay.config import IpNetwork
+from voicerelay.metrics import CallHistograms, FunctionCollector, transceiver_families
 from voicerelay.net import bind_udp
 from voicerelay.transceiver import sdp
 from voicerelay.transceiver.apps import EchoApp, VoiceApp
@@ -65,11 +68,36 @@ CLIENT_CACHE_LIMIT = 65536  # envelope headers remembered (cleared whole when fu
 RELAY_CACHE_LIMIT = 1024  # relay verdicts remembered per kind (cleared whole when full)
 NOT_A_RELAY_WARNINGS = 8  # hosts named in a warning when refused; later ones only counted
 MAX_CLIENT_ADDRESSES = 8  # client addresses routed to one call (its media address kept)
+# The event loop's timers fire on millisecond ticks (libuv), so up to a millisecond before the
+# time asked for: what is due within that is due now, or the loop would spin until it is.
+TIMER_SLACK = 0.001
 AGENT_GRACE = 5.0  # seconds an agent may take to wind down after its call ended
 
 
 class SessionLimit(Exception):
     """No room for another session."""
+
+
+class Draining(SessionLimit):
+    """New sessions are refused: this transceiver is draining."""
+
+
+class TurnTimedFeed(EventFeed):
+    """A call's feed that also times the agent's turns: from the caller's turn end to the
+    agent starting its reply (observed once per turn, on those events)."""
+
+    def __init__(self, created: float, observe: Callable[[float], None]) -> None:
+        super().__init__(created)
+        self._observe = observe
+        self._turn_ended: float | None = None
+
+    def publish(self, type: str, now: float, **fields: Any) -> None:
+        if type == "user.turn_ended":
+            self._turn_ended = now
+        elif type == "agent.speaking" and self._turn_ended is not None:
+            self._observe(max(0.0, now - self._turn_ended))
+            self._turn_ended = None
+        super().publish(type, now, **fields)
 
 
 class RelayFilter:
@@ -177,6 +205,16 @@ class TransceiverServer(asyncio.DatagramProtocol):
         self._timer_at: float | None = None
         self._clients: dict[bytes, Addr] = {}  # envelope header -> client (headers seen valid)
         self._agent_tasks: set[asyncio.Task] = set()
+        # Health and metrics: draining refuses new sessions; the registry reads the gauges and
+        # counters at scrape time and holds histograms observed on call events.
+        self.draining = False
+        self._drained: asyncio.Event | None = None
+        self.lost_in_closed_calls = 0
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(
+            FunctionCollector(lambda: transceiver_families(self.metrics_stats()))
+        )
+        self.histograms = CallHistograms(self.registry)
 
     # Lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -207,6 +245,8 @@ class TransceiverServer(asyncio.DatagramProtocol):
     def create_session(self, offer_sdp: str) -> tuple[str, str]:
         """Accept an offer: returns (session id, answer SDP). Raises SdpError, SessionLimit."""
         offer = sdp.parse_offer(offer_sdp)
+        if self.draining:
+            raise Draining("this transceiver is draining: place the call on another one")
         if len(self.calls) >= self.config.max_sessions:
             raise SessionLimit(f"this transceiver is full ({self.config.max_sessions} sessions)")
         now = self.clock()
@@ -237,7 +277,8 @@ class TransceiverServer(asyncio.DatagramProtocol):
             config=self.session_config,
             ssrc=ssrc,
         )
-        call = Call(os.urandom(8).hex(), ufrag.encode(), session, now, EventFeed(now))
+        feed = TurnTimedFeed(now, self.histograms.agent_turn.observe)
+        call = Call(os.urandom(8).hex(), ufrag.encode(), session, now, feed)
         if isinstance(app, CallAudio):
             call.moves_timer = True
             call.agent_call = AgentCall(
@@ -287,6 +328,41 @@ class TransceiverServer(asyncio.DatagramProtocol):
     def cached_headers(self) -> int:
         """Envelope headers remembered as valid (at most `CLIENT_CACHE_LIMIT`)."""
         return len(self._clients)
+
+    # Health and metrics ---------------------------------------------------------------------
+    def drain(self) -> asyncio.Event:
+        """Refuse new sessions from now on and close those not yet secure (their clients
+        retry elsewhere at once rather than set up a call that must end soon); secure calls
+        go on. The event is set once no call is left."""
+        self.draining = True
+        if self._drained is None:
+            self._drained = asyncio.Event()
+        now = self.clock()
+        for call in [c for c in self.calls.values() if c.secure_at is None]:
+            call.session.close(now, "draining")
+            self._after_input(call, now)
+        if not self.calls:
+            self._drained.set()
+        return self._drained
+
+    def not_ready(self) -> str | None:
+        """Why this transceiver takes no new session (draining, full), or None."""
+        if self.draining:
+            return "draining"
+        if len(self.calls) >= self.config.max_sessions:
+            return "full"
+        return None
+
+    def metrics_stats(self) -> dict[str, Any]:
+        """What the scrape-time metrics read (docs/OPERATIONS.md)."""
+        live_lost = sum(max(0, c.session.rx.lost) for c in self.calls.values())
+        return {
+            "states": Counter(c.session.state for c in self.calls.values()),
+            "created": self.counters["sessions_created"],
+            "closed": self.closed_reasons,
+            "lost": self.lost_in_closed_calls + live_lost,
+            "draining": self.draining,
+        }
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -414,6 +490,7 @@ class TransceiverServer(asyncio.DatagramProtocol):
                 self._route(call, event.addr)  # its media may reach the session to prove it
             elif isinstance(event, DtlsConnected):
                 call.secure_at = now
+                self.histograms.setup.observe(now - call.created)
                 call.feed.publish("call.started", now)
                 self._start_agent(call, now)
             elif isinstance(event, SessionClosed):
@@ -461,6 +538,7 @@ class TransceiverServer(asyncio.DatagramProtocol):
         for client in list(call.clients):
             self._unroute(call, client)
         self.closed_reasons[reason] += 1
+        self._observe_closed(call)
         if call.agent_call is not None:
             call.agent_call.audio.end(now, reason)
             call.agent_call.deliver()
@@ -469,6 +547,16 @@ class TransceiverServer(asyncio.DatagramProtocol):
                 asyncio.get_running_loop().call_later(AGENT_GRACE, task.cancel)
         call.feed.close(now, reason)
         log.info("session %s closed: %s", call.id, reason)
+        if self._drained is not None and not self.calls:
+            self._drained.set()
+
+    def _observe_closed(self, call: Call) -> None:
+        """A call ended: its loss, jitter and RTT go to the metrics (a call that never
+        carried media has no jitter to report)."""
+        session = call.session
+        self.lost_in_closed_calls += max(0, session.rx.lost)
+        jitter = session.stats["jitter"] if session.rx.received else None
+        self.histograms.call_closed(jitter, session.rtt)
 
     # One timer for all sessions ---------------------------------------------------------------
     def _schedule(self, call: Call) -> None:
@@ -497,13 +585,15 @@ class TransceiverServer(asyncio.DatagramProtocol):
     def _on_timer(self) -> None:
         self._timer_at = None
         self._timer_handle = None
-        now = self.clock()
-        while self._heap and self._heap[0][0] <= now:
+        clock_now = self.clock()
+        due_by = clock_now + TIMER_SLACK
+        while self._heap and self._heap[0][0] <= due_by:
             when, _, call_id = heapq.heappop(self._heap)
             call = self.calls.get(call_id)
             if call is None or call.timer != when:
                 continue  # stale entry
             call.timer = None
+            now = max(clock_now, when)  # woken up to a millisecond early: it is due
             try:
                 call.session.handle_timer(now)
             except Exception:

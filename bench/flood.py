@@ -60,6 +60,7 @@ from typing import Any
 import aiohttp
 import harness
 import paths
+import psutil
 import uvloop
 from loadclient import LoadClient, raise_fd_limit, udp_drops
 
@@ -318,6 +319,21 @@ def cpu_ns(pids: list[int]) -> int:
     return total
 
 
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy so far, all cores, steal included (time
+    the hypervisor gave to other guests)."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq + t.steal
+
+
+def own_cpu(attack: dict[str, Any]) -> float:
+    """CPU seconds an attack's process reported (the C generator: per packet)."""
+    if "cpu_util" in attack:
+        return attack["cpu_util"] * attack["active_seconds"]
+    packets = attack.get("sent", 0) + attack.get("received", 0)
+    return attack.get("generator_cpu_us_per_packet", 0.0) * packets / 1e6
+
+
 class CpuMeter:
     """CPU seconds (exact) and wall seconds between `start()` and `stop()`."""
 
@@ -349,6 +365,7 @@ class Stack:
     first_packets: Path
     binaries: dict[str, Path]
     api_key: str | None
+    helpers: list[int]  # this process, the relay's launcher, the C echo
 
     @property
     def trx_pid(self) -> int:
@@ -476,6 +493,7 @@ class Measured:
     kernel_drops: dict[str, int]
     newcomers: Newcomers
     attack: dict[str, Any]
+    others_cpu: float  # CPU seconds of processes not in this benchmark (both cores)
 
 
 @dataclass
@@ -510,6 +528,8 @@ async def measure_step(run: Run, attack: Callable[[], Awaitable[dict[str, Any]]]
     counts0 = load.client_counts()
     relay = CpuMeter(stack.workers).start()
     trx = CpuMeter([stack.trx_pid]).start()
+    bench = CpuMeter(stack.helpers).start()
+    busy0 = machine_busy()
     load.start_ticker()
     arrivals = asyncio.ensure_future(newcomers(run, run.args.newcomers, run.args.seconds))
     figures = await attack()
@@ -518,6 +538,8 @@ async def measure_step(run: Run, attack: Callable[[], Awaitable[dict[str, Any]]]
     await asyncio.sleep(SETTLE)
     relay.stop()
     trx.stop()
+    bench.stop()
+    ours = relay.cpu + trx.cpu + bench.cpu + own_cpu(figures)
     totals1, drops1, counts1 = (
         await relay_totals(stack),
         kernel_drops(stack, load),
@@ -533,6 +555,7 @@ async def measure_step(run: Run, attack: Callable[[], Awaitable[dict[str, Any]]]
         kernel_drops={k: drops1[k] - drops0[k] for k in drops1},
         newcomers=joined,
         attack=figures,
+        others_cpu=max(0.0, machine_busy() - busy0 - ours),
     )
 
 
@@ -584,6 +607,7 @@ def summarize(name: str, rate: float, step: Measured, base: Measured, unit: str)
         "relay_util": step.relay_cpu / step.wall,
         "attack_cpu_share": extra_cpu / step.relay_cpu if step.relay_cpu else float("nan"),
         "trx_cpu_s": step.trx_cpu,
+        "others_util": step.others_cpu / step.wall,
         "kernel_drops": step.kernel_drops,
         "drops": {k: v for k, v in step.totals.items() if k.startswith("drop_") and v},
         "events": {
@@ -819,6 +843,16 @@ def relay_and_sink(
         yield relay, workers, sink_port, first
 
 
+def children(name: str) -> list[int]:
+    """Pids of this process's children running program `name`."""
+    found = []
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error, IndexError):
+            if Path(child.cmdline()[0]).name == name:
+                found.append(child.pid)
+    return found
+
+
 def transceiver(relay: RelayProcess, auth: bool) -> TransceiverProcess:
     """A transceiver with default limits; authentication on (API key) or off."""
     return TransceiverProcess(relay, extra=["--require-auth", "--api-key", API_KEY] if auth else [])
@@ -840,7 +874,10 @@ def run_phases(args: argparse.Namespace) -> dict[str, Any]:
     ):
 
         def stack(trx: TransceiverProcess, key: str | None) -> Stack:
-            built = Stack(relay, trx, workers, driver, test, sink_port, first, binaries, key)
+            helpers = [os.getpid(), relay.launcher_pid(), *children("sink")]
+            built = Stack(
+                relay, trx, workers, driver, test, sink_port, first, binaries, key, helpers
+            )
             built.place_transceiver(driver)
             return built
 
@@ -889,6 +926,7 @@ def datagram_table(out: dict[str, Any]) -> str:
                 us / ref[s["rate"]] if s["attack"] != "forwarded" else 1.0,
                 us / honest,
                 s["kernel_drops"]["relay"],
+                s["others_util"] * 100,
                 s["top_drops"],
             ]
         )
@@ -905,6 +943,7 @@ def datagram_table(out: dict[str, Any]) -> str:
         "x fwd@rate",
         "x honest fwd",
         "kernel drops",
+        "others %",
         "relay drops (top 3)",
     ]
     base = out["baseline"]
@@ -912,7 +951,8 @@ def datagram_table(out: dict[str, Any]) -> str:
         f"datagram floods. Honest calls alone: {base['forwarded_per_s']:,.0f} forwarded/s, "
         f"relay {honest:.2f} us per forwarded packet (x honest). x fwd@rate: against known "
         "flows at the same datagram rate (the forwarded rows); attack %: the step's share of "
-        "relay CPU (us/dgram is firm where it is high)"
+        "relay CPU (us/dgram is firm where it is high); kernel drops: at the relay's sockets; "
+        "others %: CPU of processes outside this benchmark (a core = 100)"
     )
     return harness.table(title, headers, rows)
 
@@ -936,6 +976,7 @@ def post_table(out: dict[str, Any]) -> str:
                 s["trx_us_per_post"],
                 s["trx_util"] * 100,
                 s["sessions_after"],
+                s["others_util"] * 100,
             ]
         )
     headers = [
@@ -950,6 +991,7 @@ def post_table(out: dict[str, Any]) -> str:
         "trx us/POST",
         "trx cpu %",
         "sessions",
+        "others %",
     ]
     return harness.table("signaling POST floods (transceiver on its own core)", headers, rows)
 

@@ -249,7 +249,7 @@ class TransceiverProcess:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.send_signal(signal.SIGINT)  # stop now (SIGTERM would drain the calls)
             try:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:

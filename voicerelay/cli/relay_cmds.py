@@ -162,10 +162,33 @@ start_options = options(
         "a transceiver elsewhere refuses the snapshot.",
     ),
     click.option(
+        "--cluster-routes",
+        envvar="VOICERELAY_CLUSTER_ROUTES",
+        default="",
+        help="Other clusters' relay ingresses, ID=HOST:PORT[,ID=HOST:PORT...]: a token naming "
+        "one of them is forwarded there (the global hop) [default: none].",
+    ),
+    click.option(
+        "--hop-limit",
+        envvar="VOICERELAY_HOP_LIMIT",
+        type=click.IntRange(0, 1),
+        default=1,
+        show_default=True,
+        help="Relay-to-relay hops a datagram may take: 0 turns the global hop off (no "
+        "forwarding to routes, no envelopes from upstream relays).",
+    ),
+    click.option(
         "--no-pin",
         is_flag=True,
         envvar="VOICERELAY_NO_PIN",
         help="Do not pin workers to cores.",
+    ),
+    click.option(
+        "--metrics",
+        envvar="VOICERELAY_METRICS",
+        default=None,
+        help="Serve Prometheus /metrics, /healthz and /readyz on HOST:PORT from the launcher "
+        "[default: off].",
     ),
 )
 
@@ -183,6 +206,11 @@ def build_config(listen: str, state_dir: Path | None, **extra: Any) -> RelayConf
         )
     if extra.pop("no_pin", False):
         kwargs["pin_cpus"] = False
+    metrics = extra.pop("metrics", None)
+    if metrics:
+        kwargs["metrics_host"], kwargs["metrics_port"] = parse_hostport(
+            metrics, "--metrics", example_port=9100, min_port=0
+        )
     if extra.get("workers") is None:
         extra.pop("workers", None)
     kwargs.update(extra)

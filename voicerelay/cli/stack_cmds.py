@@ -3,8 +3,6 @@ the offline reference agent) on embedded defaults, stopped cleanly by Ctrl-C."""
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ from voicerelay.addresses import (
 )
 from voicerelay.cli.options import (
     consent_timeout_option,
+    parse_hostport,
     signaling_auth_options,
     state_dir_option,
     tls_options,
@@ -212,6 +211,22 @@ def _stop_child(child: subprocess.Popen | None) -> None:
 @signaling_auth_options()
 @tls_options()
 @click.option(
+    "--drain-grace",
+    envvar="VOICERELAY_DRAIN_GRACE",
+    type=click.FloatRange(0, 86400),
+    default=300.0,
+    show_default=True,
+    help="After SIGTERM, seconds calls in progress may go on (new ones are refused); Ctrl-C "
+    "stops at once.",
+)
+@click.option(
+    "--metrics",
+    envvar="VOICERELAY_METRICS",
+    default=None,
+    help="Serve the relay's Prometheus /metrics, /healthz and /readyz on HOST:PORT "
+    "[default: off; the transceiver's are on the signaling port].",
+)
+@click.option(
     "--dry-run",
     is_flag=True,
     help="Print what would be bound and advertised, then exit without starting anything.",
@@ -238,12 +253,15 @@ def up(
     https: bool,
     cert: Path | None,
     key: Path | None,
+    drain_grace: float,
+    metrics: str | None,
     dry_run: bool,
 ) -> None:
     """Start the local voice stack and print where to talk to it. Ctrl-C stops everything."""
     import uvloop
 
     from voicerelay.cli.options import check_port, tls_files, usable_state_dir
+    from voicerelay.cli.transceiver_cmds import serve_until_signalled
     from voicerelay.net import check_port_free
     from voicerelay.relay import control, spawn
     from voicerelay.relay.preflight import ensure_secret, refuse_if_running
@@ -278,6 +296,7 @@ def up(
         state_dir=state,
         tcp_port=tcp_port,
         **({"workers": workers} if workers is not None else {}),
+        **_metrics_options(metrics),
     )
     if dry_run:
         click.echo("\n".join(describe_plan(plan, public_port, http_port, https or bool(cert))))
@@ -336,10 +355,6 @@ def up(
     async def serve() -> None:
         node = Transceiver(tx_config)
         await node.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         click.echo(f"voicerelay is up: open {node.url}/ and press Talk")
         if app == "echo":
             click.echo("  app: echo (calls hear themselves)")
@@ -369,7 +384,7 @@ def up(
             "`relayctl stats` shows the relay; Ctrl-C stops everything"
         )
         try:
-            await stop.wait()
+            await serve_until_signalled(node, drain_grace)
         finally:
             await node.stop()
 
@@ -386,6 +401,14 @@ def up(
             relay.kill()
         _stop_child(agent)
         click.echo("voicerelay stopped")
+
+
+def _metrics_options(metrics: str | None) -> dict[str, str | int]:
+    """RelayConfig fields for `--metrics HOST:PORT` (none when not given)."""
+    if not metrics:
+        return {}
+    host, port = parse_hostport(metrics, "--metrics", example_port=9100, min_port=0)
+    return {"metrics_host": host, "metrics_port": port}
 
 
 commands: list[click.Command] = [up]

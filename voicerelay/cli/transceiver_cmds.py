@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -30,6 +31,13 @@ from voicerelay.config import (
 )
 from voicerelay.transceiver.config import DEFAULT_RELAYS, TransceiverConfig
 
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from voicerelay.transceiver.signaling import Transceiver
+
+log = logging.getLogger("voicerelay.transceiver")
+
 
 def transceiver_config(
     internal: str,
@@ -53,6 +61,7 @@ def transceiver_config(
     cert: Path | None = None,
     key: Path | None = None,
     tcp_port: int = 0,
+    ingress: tuple[str, ...] = (),
 ) -> TransceiverConfig:
     """A validated TransceiverConfig from CLI values (ConfigError names the fix)."""
     http_addr = parse_hostport(http, "--http", example_port=DEFAULT_HTTP_PORT, min_port=0)
@@ -80,7 +89,18 @@ def transceiver_config(
         tls_cert=cert,
         tls_key=key,
         relay_tcp_port=tcp_port,
+        ingresses=tuple(parse_ingress(entry) for entry in ingress),
     )
+
+
+def parse_ingress(entry: str) -> tuple[str, tuple[str, int]]:
+    """`--ingress NAME=HOST:PORT`: an edge relay ingress signaling may advertise."""
+    name, sep, hostport = entry.partition("=")
+    if not sep or not name.strip():
+        raise ConfigError(
+            f"--ingress {entry!r} is not NAME=HOST:PORT: write e.g. eu=192.0.2.7:3478"
+        )
+    return name.strip(), parse_hostport(hostport, "--ingress", DEFAULT_PUBLIC_PORT)
 
 
 def parse_relay_public(text: str) -> tuple[tuple[str, int], ...]:
@@ -115,6 +135,14 @@ transceiver_options = options(
         show_default=True,
         help="The relay's public HOST:PORT, or several comma-separated (IPv4 and IPv6): "
         "the candidates answers list, in order. Addresses clients reach, never a wildcard.",
+    ),
+    click.option(
+        "--ingress",
+        envvar="VOICERELAY_INGRESS",
+        multiple=True,
+        help="NAME=HOST:PORT of an edge relay ingress (repeatable; the variable takes several "
+        "separated by spaces): an offer whose X-Voicerelay-Ingress header names it gets that "
+        "address as its candidate (the global hop).",
     ),
     click.option(
         "--tcp-port",
@@ -185,13 +213,82 @@ transceiver_options = options(
         show_default=True,
         help="How many of those a client may place at once.",
     ),
+    click.option(
+        "--drain-grace",
+        envvar="VOICERELAY_DRAIN_GRACE",
+        type=click.FloatRange(0, 86400),
+        default=300.0,
+        show_default=True,
+        help="After SIGTERM, seconds calls in progress may go on (new ones are refused) "
+        "before the process exits.",
+    ),
+    click.option(
+        "--metrics",
+        envvar="VOICERELAY_METRICS",
+        default=None,
+        help="Also serve /metrics, /healthz and /readyz on HOST:PORT (they are always on the "
+        "signaling port too) [default: off].",
+    ),
 )
+
+
+async def serve_until_signalled(node: Transceiver, drain_grace: float) -> str:
+    """Serve until SIGINT (stop now) or SIGTERM (drain); returns how it ended: "stopped",
+    "drained" (the last call ended) or "grace expired". A second SIGTERM stops at once."""
+    loop = asyncio.get_running_loop()
+    stop_now, drain = asyncio.Event(), asyncio.Event()
+
+    def on_sigterm() -> None:
+        (stop_now if drain.is_set() else drain).set()
+
+    loop.add_signal_handler(signal.SIGINT, stop_now.set)
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    if await _first(stop_now, drain) is stop_now:
+        return "stopped"
+    drained = node.server.drain()
+    log.info(
+        "draining: new sessions refused, %d in progress may go on for %g s",
+        len(node.server.calls),
+        drain_grace,
+    )
+    ended = await _first(stop_now, drained, timeout=drain_grace)
+    if ended is drained:
+        return "drained"
+    return "stopped" if ended is stop_now else "grace expired"
+
+
+async def _first(*events: asyncio.Event, timeout: float | None = None) -> asyncio.Event | None:
+    """The first of `events` to be set (None: `timeout` passed first)."""
+    waits = {asyncio.ensure_future(e.wait()): e for e in events}
+    try:
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
+    return next((waits[t] for t in done), None)
+
+
+async def serve_metrics(node: Transceiver, hostport: str | None) -> web.AppRunner | None:
+    """`--metrics HOST:PORT`: the probes and metrics on a port of their own (None: off)."""
+    if not hostport:
+        return None
+    from voicerelay import metrics
+
+    host, port = parse_hostport(hostport, "--metrics", example_port=9101, min_port=0)
+    app = metrics.health_app(node.server.registry, node.server.not_ready)
+    try:
+        return await metrics.serve_health(app, host, port)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve --metrics on {hostport} ({exc.strerror})") from None
 
 
 @click.command()
 @transceiver_options
-def transceiver(**options: Any) -> None:
-    """Run a transceiver: every session on one UDP endpoint, WHIP signaling over HTTP."""
+def transceiver(drain_grace: float, metrics: str | None, **options: Any) -> None:
+    """Run a transceiver: every session on one UDP endpoint, WHIP signaling over HTTP.
+
+    SIGTERM drains it (docs/OPERATIONS.md): new sessions get 503, calls in progress go on
+    until they end or --drain-grace passes, then it exits 0. SIGINT stops it at once."""
     import uvloop
 
     from voicerelay.process import configure_logging
@@ -217,14 +314,17 @@ def transceiver(**options: Any) -> None:
             raise ConfigError(
                 f"cannot bind: {exc.strerror}: choose other ports with --internal / --http"
             ) from None
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        click.echo(f"transceiver ready: signaling {node.url}/; {node.api_key.describe()}", err=True)
+        runner = None
         try:
-            await stop.wait()
+            runner = await serve_metrics(node, metrics)
+            click.echo(
+                f"transceiver ready: signaling {node.url}/; {node.api_key.describe()}", err=True
+            )
+            ended = await serve_until_signalled(node, drain_grace)
+            log.info("transceiver stopping: %s", ended)
         finally:
+            if runner is not None:
+                await runner.cleanup()
             await node.stop()
 
     uvloop.run(main())

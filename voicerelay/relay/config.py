@@ -34,6 +34,34 @@ DEFAULT_TRANSCEIVER_NETWORKS = (
 )
 
 
+def parse_cluster_routes(routes: str | tuple[str, ...] | list[str]) -> dict[int, tuple[str, int]]:
+    """`ID=HOST:PORT` entries (a tuple, or one comma-separated string) as {cluster id: relay
+    ingress}; ConfigError (one line) names the bad entry. HOST is an IP literal ([v6] ok)."""
+    items = routes.split(",") if isinstance(routes, str) else list(routes)
+    parsed: dict[int, tuple[str, int]] = {}
+    fix = "use ID=HOST:PORT[,ID=HOST:PORT...], e.g. 2=10.0.2.1:3478"
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        cid, eq, hostport = item.partition("=")
+        host, colon, port = hostport.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            cluster, number = int(cid), int(port)
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(
+                f"--cluster-routes entry {item!r} is not ID=HOST:PORT: {fix}"
+            ) from None
+        if not eq or not colon or not 1 <= number <= 65535:
+            raise ConfigError(f"--cluster-routes entry {item!r} is not ID=HOST:PORT: {fix}")
+        check_cluster_id(cluster)
+        if cluster in parsed:
+            raise ConfigError(f"--cluster-routes names cluster {cluster} twice: {fix}")
+        parsed[cluster] = (host, number)
+    return parsed
+
+
 def check_redis_url(url: str) -> None:
     """ConfigError (one line) unless `url` is redis://host:port/db (or rediss://, unix://)."""
     fix = "use redis://host:port/db"
@@ -84,6 +112,14 @@ class RelayConfig:
     # (0: off; 443 in production) and the connections one worker keeps at most.
     tcp_port: int = 0
     tcp_connections: int = 1024
+    # Prometheus /metrics, /healthz and /readyz from the launcher (`--metrics HOST:PORT`);
+    # metrics_port None: not served; 0: any free port.
+    metrics_host: str = DEFAULT_HOST
+    metrics_port: int | None = None
+    # Global hop (relay/router.py): other clusters' relay ingresses ("ID=HOST:PORT" each;
+    # `--cluster-routes`) and the relay-to-relay hops a datagram may take (0: none, 1: one).
+    cluster_routes: tuple[str, ...] = ()
+    hop_limit: int = 1
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()
@@ -109,8 +145,10 @@ class RelayConfig:
 
     @property
     def networks(self) -> tuple[IpNetwork, ...]:
-        """`transceiver_networks` as networks (validated in __post_init__)."""
-        return tuple(ipaddress.ip_network(n) for n in self.transceiver_networks)
+        """`transceiver_networks` as networks (validated in __post_init__), and each routed
+        cluster's ingress (a restored flow of the global hop names it)."""
+        routed = tuple(ipaddress.ip_network(host) for host, _ in self.routes.values())
+        return tuple(ipaddress.ip_network(n) for n in self.transceiver_networks) + routed
 
     @property
     def shm_name(self) -> str:
@@ -136,6 +174,11 @@ class RelayConfig:
     @property
     def snapshot_file(self) -> Path:
         return self.state_dir / f"relay-{self.listen_port}.snapshot"
+
+    @property
+    def routes(self) -> dict[int, tuple[str, int]]:
+        """`cluster_routes` as {cluster id: relay ingress} (validated in __post_init__)."""
+        return parse_cluster_routes(self.cluster_routes)
 
     def internal_addr(self, index: int) -> tuple[str, int]:
         """The internal (towards transceivers) address of worker `index`; stable across restarts."""
@@ -181,9 +224,28 @@ class RelayConfig:
         if self.redis_url is not None:
             check_redis_url(self.redis_url)
         self._validate_admission()
+        self._validate_hop()
         self.transceiver_networks = tuple(
             str(n) for n in parse_networks(self.transceiver_networks, "--transceiver-networks")
         )
+
+    def _validate_hop(self) -> None:
+        if isinstance(self.cluster_routes, str):
+            self.cluster_routes = tuple(self.cluster_routes.split(","))
+        routes = parse_cluster_routes(self.cluster_routes)
+        self.cluster_routes = tuple(
+            f"{c}={h}:{p}" if ":" not in h else f"{c}=[{h}]:{p}" for c, (h, p) in routes.items()
+        )
+        if self.cluster_id in routes:
+            raise ConfigError(
+                f"--cluster-routes names this relay's own cluster {self.cluster_id}: "
+                "route only the other clusters"
+            )
+        if self.hop_limit not in (0, 1):
+            raise ConfigError(
+                f"--hop-limit {self.hop_limit} is out of range: use 0 (no hop) or 1 (one hop; "
+                "the envelope carries no hop count, so longer chains are refused)"
+            )
 
     def _validate_admission(self) -> None:
         ranges = (

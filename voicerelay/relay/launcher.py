@@ -19,6 +19,10 @@ import sys
 import time
 from typing import Any
 
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from voicerelay import metrics
 from voicerelay.config import ConfigError
 from voicerelay.process import configure_logging
 from voicerelay.relay import control, snapshot
@@ -46,6 +50,8 @@ class Launcher:
         self.started = time.time()
         self.restore = snapshot.RestoreResult(source="")
         self._done: asyncio.Event | None = None
+        self.metrics_runner: web.AppRunner | None = None
+        self.metrics_port: int | None = None  # where /metrics listens, once it does
 
     # Start ----------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -74,6 +80,7 @@ class Launcher:
         """Workers, snapshots and the control socket until SIGTERM/SIGINT/SIGHUP or `stop`."""
         loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
+        await self._serve_metrics()  # a taken --metrics port fails before any worker is forked
         self.supervisor.start(loop)
         assert self.snapshotter is not None
         self.snapshotter.start()
@@ -82,6 +89,7 @@ class Launcher:
         try:
             server = await control.serve(path, operations)
         except OSError as exc:
+            await self._stop_metrics()
             raise ConfigError(
                 f"cannot create the control socket {path} ({exc.strerror}): check --state-dir"
             ) from None
@@ -100,6 +108,48 @@ class Launcher:
         finally:
             self.supervisor.unwatch(loop)
             server.close()
+            await self._stop_metrics()
+
+    async def _serve_metrics(self) -> None:
+        """/metrics, /healthz and /readyz on `--metrics`, answered on this event loop from
+        shared memory: a scrape costs the workers nothing."""
+        cfg = self.config
+        if cfg.metrics_port is None:
+            return
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(
+            metrics.FunctionCollector(
+                lambda: metrics.relay_families(self.metrics_stats(), time.time())
+            )
+        )
+        app = metrics.health_app(registry, self.not_ready)
+        try:
+            self.metrics_runner = await metrics.serve_health(
+                app, cfg.metrics_host, cfg.metrics_port
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve --metrics on {cfg.metrics_host}:{cfg.metrics_port} "
+                f"({exc.strerror}): choose another port"
+            ) from None
+        sockets = metrics.listening_sockets(self.metrics_runner)
+        # Workers forked later must not hold the port (nor accept on it).
+        self.supervisor.close_in_worker += tuple(s.fileno() for s in sockets)
+        self.metrics_port = sockets[0].getsockname()[1]
+        log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, self.metrics_port)
+
+    async def _stop_metrics(self) -> None:
+        if self.metrics_runner is not None:
+            await self.metrics_runner.cleanup()
+            self.metrics_runner = None
+
+    def not_ready(self) -> str | None:
+        """Why this relay is not ready (a worker down, no flow table), or None."""
+        if self.table is None or self.counters is None:
+            return "flow table not attached"
+        if not metrics.relay_ready(self.status()):
+            return "not every worker is running"
+        return None
 
     # Control operations ---------------------------------------------------------------------
     def _stop_requested(self) -> dict[str, Any]:
@@ -128,6 +178,16 @@ class Launcher:
         status["table_flows"] = self.table.count()
         status["snapshot"] = self.snapshotter.state() if self.snapshotter else {}
         status["restore"] = self.restore.as_dict()
+        return status
+
+    def metrics_stats(self) -> dict[str, Any]:
+        """What a scrape reads: `status()` with each worker's counter row and the snapshot
+        state (not the flow-table scan `stats()` does; the workers' "flows" counter says it)."""
+        assert self.counters is not None
+        status = self.status()
+        for entry in status["workers"]:
+            entry["counters"] = self.counters.read(entry["index"])
+        status["snapshot"] = self.snapshotter.state() if self.snapshotter else {}
         return status
 
     # Stop -----------------------------------------------------------------------------------

@@ -52,6 +52,22 @@ whose address is a live flow anywhere in the table, or a UDP flow whose address 
 worker's TCP flows, is refused (`address_in_use`). A transceiver's envelope for a TCP client is
 queued on `tcp_out` for the worker to write to the connection; TCP flows expire by the same
 rules as UDP flows (`expire_tcp`).
+
+The global hop (one relay-to-relay hop between clusters): a token naming another cluster goes,
+enveloped, to that cluster's relay ingress (`cluster_routes`), which this relay treats as a
+transceiver; its replies come back enveloped and leave to the client like any transceiver's.
+Such a flow is an ordinary one here (shared memory, snapshots, adoption). The relay of the
+token's cluster takes envelopes on its public socket (first byte 'V', which RFC 7983 leaves to
+no WebRTC protocol) as datagrams of the enveloped client, through the upstream relay that sent
+them (`hop_datagram`): the same admission as a client's (token of this cluster, freshness or
+use, clients per token, the client's prefix rate), forwarded unchanged to the transceiver, and
+the transceiver's replies go back, enveloped, only to that upstream relay (another worker of the
+same upstream host may take the flow over, as when one of its workers restarts). Hop flows live
+in this worker alone (shared memory names a client by address only, so a record could not say
+replies go through an upstream relay); a restarted worker takes them up again at the client's
+next consent check (their tokens are marked in use). A hop envelope whose token names yet
+another cluster is refused (`hop_limit`): a datagram crosses at most one hop, so routes that
+point at each other cannot loop. `hop_limit=0` turns hops off both ways.
 """
 
 from __future__ import annotations
@@ -95,6 +111,7 @@ DROP_REASONS = (
     "return_no_flow",
     "return_wrong_transceiver",
     "address_in_use",
+    "hop_limit",
 )
 # What the TCP side of a worker counts (`relay.tcp`, published with the router's counters):
 # connections open now, accepted; refused when full of routed ones, pending ones evicted for a
@@ -122,6 +139,9 @@ EVENTS = (
     "flows_evicted",
     "shard_searches",
 )
+# Global hop: datagrams sent on to another cluster's relay, taken from an upstream relay, and
+# replies sent back to an upstream relay.
+HOP_COUNTERS = ("hops_out", "hops_in", "hops_back")
 COUNTER_FIELDS: tuple[str, ...] = (
     "packets_in",
     "bytes_in",
@@ -131,9 +151,19 @@ COUNTER_FIELDS: tuple[str, ...] = (
     *EVENTS,
     *(f"drop_{reason}" for reason in DROP_REASONS),
     *TCP_COUNTERS,
+    *HOP_COUNTERS,
 )
 _TOKEN_DROPS = {"old-format": "token_old_format"}  # every other TokenError: bad_token
 _STUN, _UNKNOWN = PacketKind.STUN, PacketKind.UNKNOWN
+_ENVELOPE_FIRST = envelope.MAGIC[0]  # an upstream relay's envelope (never a WebRTC packet)
+
+
+def _same_host(a: bytes, b: bytes) -> bool:
+    """Do two sockaddrs name the same IP (any port)?"""
+    try:
+        return addr_from_sockaddr(a)[0] == addr_from_sockaddr(b)[0]
+    except ValueError:
+        return False
 
 
 def token_tag(ufrag: bytes) -> bytes:
@@ -156,6 +186,9 @@ class LocalFlow:
         "packets_out",
         "flushed_out",
         "seen_at",
+        "onward",
+        "upstream",
+        "flushed_in",
     )
 
     def __init__(
@@ -181,6 +214,9 @@ class LocalFlow:
         self.packets_out = packets_out
         self.flushed_out = packets_out  # packets_out at the last flush
         self.seen_at = seen_at  # last return traffic (as of a flush), else creation/adoption
+        self.onward = False  # its "transceiver" is another cluster's relay ingress
+        self.upstream = False  # came through an upstream relay (`peer` is that relay's)
+        self.flushed_in = packets_in  # packets_in at the last flush (hop counters)
 
     def last_return(self, now: float) -> float:
         """When the transceiver last sent to this client (`now` if since the last flush)."""
@@ -199,6 +235,7 @@ class RelayRouter:
         cluster_id: int = 0,
         idle_timeout: float = 30.0,
         cluster_routes: dict[int, Addr] | None = None,
+        hop_limit: int = 1,
         expire_interval: float = 0.1,
         public_family: int = socket.AF_INET,
         internal_family: int = socket.AF_INET,
@@ -221,7 +258,9 @@ class RelayRouter:
         self.shard_index = shard
         self.writer: ShardWriter = table.shard(shard)
         self.cluster_id = cluster_id
-        self.cluster_routes = dict(cluster_routes or {})
+        self.hop_limit = hop_limit  # relay-to-relay hops a datagram may take (0 or 1)
+        self.cluster_routes = {c: canonical(a) for c, a in (cluster_routes or {}).items()}
+        self.route_addrs = frozenset(self.cluster_routes.values())
         self.idle_timeout = idle_timeout
         self.token_window = token_window
         self.token_clients = token_clients
@@ -243,6 +282,11 @@ class RelayRouter:
         self.tcp_by_peer: dict[bytes, LocalFlow] = {}
         self.tcp_by_header: dict[bytes, LocalFlow] = {}
         self.tcp_out: list[tuple[bytes, bytes]] = []  # (connection peer, datagram)
+        # Hop flows (this worker's only), by upstream sockaddr + header, and by header.
+        self.hop_by_key: dict[bytes, LocalFlow] = {}
+        self.hop_by_header: dict[bytes, LocalFlow] = {}
+        self.hops = dict.fromkeys(HOP_COUNTERS, 0)
+        self.hops_swept_at = now
         self.dirty: set[LocalFlow] = set()
         self.packets_in = self.bytes_in = self.packets_out = self.bytes_out = 0
         self.events = dict.fromkeys(EVENTS, 0)
@@ -268,6 +312,8 @@ class RelayRouter:
                 self.packets_in += 1
                 self.bytes_in += n
                 return flow.transceiver_peer, flow.header + data
+        elif n and data[0] == _ENVELOPE_FIRST and self.hop_limit:
+            return self.hop_datagram(data, peer, now)
         elif (
             0 < n <= MAX_DATAGRAM
             and not IS_STUN[data[0]]
@@ -287,6 +333,99 @@ class RelayRouter:
             return self._drop("malformed")
         routed = self.client_datagram(data, peer, now)
         return None if routed is None else (addr_from_sockaddr(routed[0]), routed[1])
+
+    def hop_datagram(self, data: bytes, peer: bytes, now: float) -> tuple[bytes, bytes] | None:
+        """Where an upstream relay's envelope goes: (transceiver sockaddr, envelope), or None
+        if dropped (counted). `peer` is the upstream relay's sockaddr on the public socket."""
+        flow = self.hop_by_key.get(peer + data[:HEADER_SIZE])
+        n = len(data) - HEADER_SIZE
+        if flow is not None and 0 < n <= MAX_DATAGRAM and IS_RTP[data[HEADER_SIZE]]:
+            flow.packets_in += 1
+            self.dirty.add(flow)
+            self.packets_in += 1
+            self.bytes_in += n
+            self.hops["hops_in"] += 1
+            return flow.transceiver_peer, data
+        return self._hop_slow(data, peer, flow, now)
+
+    def _hop_slow(
+        self, data: bytes, peer: bytes, flow: LocalFlow | None, now: float
+    ) -> tuple[bytes, bytes] | None:
+        if len(data) > MAX_ENVELOPE:
+            return self._drop("oversize")
+        try:
+            client = envelope.unpack_header(data)
+        except envelope.EnvelopeError as exc:
+            return self._drop(
+                "envelope_version" if exc.reason == "version" else "envelope_malformed"
+            )
+        inner = data[HEADER_SIZE:]
+        if not inner:
+            return self._drop("malformed")
+        kind = KIND_BY_FIRST_BYTE[inner[0]]
+        if kind is _UNKNOWN:
+            return self._drop("unknown_protocol")
+        if flow is None:
+            flow = self._hop_flow_elsewhere(client, peer)
+        if kind is _STUN:
+            ufrag = stun.binding_server_ufrag(inner)
+            if ufrag is not None and (flow is None or flow.peer != peer or ufrag != flow.ufrag):
+                flow = self._route_hop(ufrag, client, peer, flow, now)
+                if flow is None:
+                    return None
+        if flow is None or flow.peer != peer:
+            return self._drop("unknown_flow")
+        flow.packets_in += 1
+        self.dirty.add(flow)
+        self.packets_in += 1
+        self.bytes_in += len(inner)
+        self.hops["hops_in"] += 1
+        return flow.transceiver_peer, flow.header + inner
+
+    def _hop_flow_elsewhere(self, client: Addr, peer: bytes) -> LocalFlow | None:
+        """The client's hop flow through another upstream sockaddr: taken over here when that
+        is another worker of the same upstream host (one of its workers restarted), else
+        returned as it is (only a Binding request with a token may rebind it)."""
+        flow = self.hop_by_header.get(envelope.pack_header(client))
+        if flow is not None and _same_host(flow.peer, peer):
+            del self.hop_by_key[flow.peer + flow.header]
+            flow.peer = peer
+            self.hop_by_key[peer + flow.header] = flow
+        return flow
+
+    def _route_hop(
+        self, ufrag: bytes, client: Addr, peer: bytes, flow: LocalFlow | None, now: float
+    ) -> LocalFlow | None:
+        """The hop flow a Binding request from upstream relay `peer` goes by (None: dropped,
+        counted): only tokens of this cluster (a second hop is refused: `hop_limit`)."""
+        if flow is None:
+            if self._address_in_use(client, tcp=True) or self._tcp_address(client):
+                return self._drop("address_in_use")
+            if not self.limiter.allows(prefix_of(client), now):
+                return self._drop("rate_limited")
+        try:
+            route = self.keys.open(ufrag)
+        except TokenError as exc:
+            if flow is not None and flow.peer != peer:
+                return self._drop(_TOKEN_DROPS.get(exc.reason, "bad_token"))
+            return self._unopened(exc, ufrag, flow)
+        if route.cluster_id != self.cluster_id:
+            return self._drop("hop_limit")
+        transceiver = canonical(route.transceiver)
+        if flow is not None and flow.transceiver == transceiver and flow.peer == peer:
+            self._retag(flow, ufrag)
+            return flow
+        fresh = route.fresh(now + self.wall_offset, self.token_window)
+        return self._open_flow(ufrag, client, transceiver, flow, fresh, now, upstream=peer)
+
+    def _tcp_address(self, client: Addr) -> bool:
+        """Is `client` one of this worker's TCP flows?"""
+        if not self.tcp_by_peer:
+            return False
+        try:
+            return sockaddr(client, self.public_family) in self.tcp_by_peer
+        except ValueError:  # an enveloped client of the other family: not on this socket
+            return False
 
     def tcp_datagram(self, data: bytes, peer: bytes, now: float) -> tuple[bytes, bytes] | None:
         """Where a frame from a TCP connection goes: (transceiver sockaddr, envelope), or None
@@ -366,10 +505,10 @@ class RelayRouter:
         """Is `client` already a flow of the other transport? (The envelope names a client by
         address only.) A TCP connection checks every shard (once per connection); a UDP
         client's first request checks this worker's TCP flows."""
+        if self.hop_by_header and envelope.pack_header(client) in self.hop_by_header:
+            return True  # a hop flow's client, through an upstream relay
         if not tcp:
-            return bool(self.tcp_by_peer) and (
-                sockaddr(client, self.public_family) in self.tcp_by_peer
-            )
+            return self._tcp_address(client)
         return client in self.flows or self.table.lookup(client) is not None
 
     def _unopened(self, exc: TokenError, ufrag: bytes, flow: LocalFlow | None) -> LocalFlow | None:
@@ -385,6 +524,8 @@ class RelayRouter:
         """Where a route's packets go from this relay: its transceiver, or the next hop."""
         if route.cluster_id == self.cluster_id:
             return canonical(route.transceiver)
+        if not self.hop_limit:
+            return None
         return self.cluster_routes.get(route.cluster_id)
 
     def _open_flow(
@@ -396,9 +537,11 @@ class RelayRouter:
         fresh: bool,
         now: float,
         tcp: bool = False,
+        upstream: bytes | None = None,
     ) -> LocalFlow | None:
         """A new flow (or `flow` rebound) to `transceiver`, if admission allows it. A TCP flow
-        takes no shared-memory slot (the worker caps its connections)."""
+        takes no shared-memory slot (the worker caps its connections), nor does a hop flow
+        (through the `upstream` relay's sockaddr)."""
         if not fresh and not self._token_in_use(ufrag, now):
             return self._drop("token_expired")
         if flow is not None and self._established(flow, now):
@@ -410,7 +553,7 @@ class RelayRouter:
             return self._drop("transceiver_unreachable")
         if not self.limiter.take(prefix_of(client), now):
             return self._drop("rate_limited")
-        slot = NO_SLOT if tcp else self._put(client, transceiver, now)
+        slot = NO_SLOT if tcp or upstream else self._put(client, transceiver, now)
         if slot is None:
             return self._drop("table_full")
         if flow is not None:
@@ -418,7 +561,7 @@ class RelayRouter:
             self._forget(flow)
         else:
             self.events["flows_created"] += 1
-        return self._remember(client, transceiver, ufrag, slot, now)
+        return self._remember(client, transceiver, ufrag, slot, now, upstream=upstream)
 
     def _established(self, flow: LocalFlow, now: float) -> bool:
         """Did the flow's transceiver send to the client within `rebind_after`? Then no
@@ -548,11 +691,12 @@ class RelayRouter:
         seen_at: float,
         packets_in: int = 0,
         packets_out: int = 0,
+        upstream: bytes | None = None,
     ) -> LocalFlow:
         flow = LocalFlow(
             client,
             transceiver,
-            sockaddr(client, self.public_family),
+            upstream or sockaddr(client, self.public_family),
             sockaddr(transceiver, self.internal_family),
             slot,
             b"",
@@ -560,7 +704,12 @@ class RelayRouter:
             packets_out,
             seen_at,
         )
-        if slot == NO_SLOT:
+        flow.onward = transceiver in self.route_addrs
+        if upstream:
+            flow.upstream = True
+            self.hop_by_key[upstream + flow.header] = flow
+            self.hop_by_header[flow.header] = flow
+        elif slot == NO_SLOT:
             self.tcp_by_peer[flow.peer] = flow
             self.tcp_by_header[flow.header] = flow
         else:
@@ -590,7 +739,10 @@ class RelayRouter:
                 self.marked.pop(flow.ufrag, None)
 
     def _forget(self, flow: LocalFlow) -> None:
-        if flow.slot == NO_SLOT:
+        if flow.upstream:
+            self.hop_by_key.pop(flow.peer + flow.header, None)
+            self.hop_by_header.pop(flow.header, None)
+        elif flow.slot == NO_SLOT:
             self.tcp_by_peer.pop(flow.peer, None)
             self.tcp_by_header.pop(flow.header, None)
         else:
@@ -615,6 +767,10 @@ class RelayRouter:
             self.packets_out += 1
             self.bytes_out += len(data) - HEADER_SIZE
             return flow.peer, data[HEADER_SIZE:]
+        if flow is None and self.hop_by_header:  # a hop flow's reply: back to its upstream
+            hop = self.hop_by_header.get(data[:HEADER_SIZE])
+            if hop is not None:
+                return self._to_upstream(hop, data, peer)
         return self._transceiver_slow(data, peer, flow)
 
     def from_transceiver(self, data: bytes, source: Addr, now: float) -> tuple[Addr, bytes] | None:
@@ -668,6 +824,20 @@ class RelayRouter:
         self.tcp_out.append((flow.peer, data[HEADER_SIZE:]))
         return None
 
+    def _to_upstream(self, flow: LocalFlow, data: bytes, peer: bytes) -> tuple[bytes, bytes] | None:
+        """A transceiver's envelope for a hop flow: back, as it is, to the upstream relay that
+        forwarded the flow (and to no one else)."""
+        if len(data) > MAX_ENVELOPE:
+            return self._drop("oversize")
+        if flow.transceiver_peer != peer:
+            return self._drop("return_wrong_transceiver")
+        flow.packets_out += 1
+        self.dirty.add(flow)
+        self.packets_out += 1
+        self.bytes_out += len(data) - HEADER_SIZE
+        self.hops["hops_back"] += 1
+        return flow.peer, data
+
     def tcp_closed(self, peer: bytes) -> None:
         """A TCP connection is gone: its flow (if any) with it."""
         flow = self.tcp_by_peer.get(peer)
@@ -698,6 +868,9 @@ class RelayRouter:
         unanswered = self.unanswered
         count = len(self.dirty)
         for flow in self.dirty:
+            if flow.onward:
+                self.hops["hops_out"] += flow.packets_in - flow.flushed_in
+                flow.flushed_in = flow.packets_in
             out = flow.packets_out
             if out != flow.flushed_out:
                 flow.flushed_out = out
@@ -734,7 +907,17 @@ class RelayRouter:
                 self._forget(flow)
         self.events["flows_expired"] += len(removed)
         self.limiter.prune(now, self.expire_budget)
+        if now - self.hops_swept_at >= 1.0:
+            self.hops_swept_at = now
+            self._expire_hops(now)
         return removed
+
+    def _expire_hops(self, now: float) -> None:
+        """Forget hop flows past the rules every flow expires by (about once a second)."""
+        gone = [f for f in self.hop_by_key.values() if self._tcp_expired(f, now)]
+        for flow in gone:
+            self._forget(flow)
+        self.events["flows_expired"] += len(gone)
 
     def remove(self, clients: Iterable[Addr]) -> None:
         for client in clients:
@@ -759,9 +942,10 @@ class RelayRouter:
             "bytes_in": self.bytes_in,
             "packets_out": self.packets_out,
             "bytes_out": self.bytes_out,
-            "flows": len(self.flows) + len(self.tcp_by_peer),
+            "flows": len(self.flows) + len(self.tcp_by_peer) + len(self.hop_by_key),
             "tcp_flows": len(self.tcp_by_peer),
             **self.events,
+            **self.hops,
         }
         drops = dict(self.drops)
         for first, count in enumerate(self.junk):

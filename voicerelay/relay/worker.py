@@ -114,6 +114,8 @@ class Worker:
             self.table,
             index,
             cluster_id=config.cluster_id,
+            cluster_routes=config.routes,
+            hop_limit=config.hop_limit,
             idle_timeout=config.idle_timeout,
             expire_interval=TICK,
             public_family=family_of(config.listen_host),  # the public socket's, below

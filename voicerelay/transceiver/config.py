@@ -73,6 +73,9 @@ class TransceiverConfig:
     # The relay's ICE-TCP port (`relayctl start --tcp-port`): answers list a passive TCP
     # candidate there on each relay address, after the UDP ones. 0: the relay serves no TCP.
     relay_tcp_port: int = 0
+    # Global hop: named edge ingresses; signaling advertises the one a request's
+    # X-Voicerelay-Ingress header names (e.g. set by geo-steering), else `relay_public`.
+    ingresses: tuple[tuple[str, Addr], ...] = ()
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()
@@ -90,6 +93,9 @@ class TransceiverConfig:
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{option} port {port} is out of range: use 1-65535")
         self.relay_public = relay_addresses(self.relay_public)
+        self.ingresses = tuple(
+            (name, relay_addresses(addr, "--ingress")[0]) for name, addr in self.ingresses
+        )
         self._check_tls()
         if not 0.5 <= self.consent_timeout <= 3600:
             raise ConfigError(
@@ -157,3 +163,11 @@ class TransceiverConfig:
     def api_key_path(self) -> Path:
         """Where the API key is kept when none is given: created 0600 on first use."""
         return self.state_dir / API_KEY_FILE
+
+    def advertised(self, ingress: str | None) -> tuple[Addr, ...]:
+        """The relay addresses an answer lists: the named ingress, if it is one of ours, else
+        `relay_public`."""
+        for name, addr in self.ingresses:
+            if name == ingress:
+                return (addr,)
+        return self.relay_public

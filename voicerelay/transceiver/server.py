@@ -242,8 +242,11 @@ class TransceiverServer(asyncio.DatagramProtocol):
             self.transport.close()
 
     # Signaling --------------------------------------------------------------------------------
-    def create_session(self, offer_sdp: str) -> tuple[str, str]:
-        """Accept an offer: returns (session id, answer SDP). Raises SdpError, SessionLimit."""
+    def create_session(
+        self, offer_sdp: str, relay_public: tuple[Addr, ...] | None = None
+    ) -> tuple[str, str]:
+        """Accept an offer: returns (session id, answer SDP); the answer lists `relay_public`
+        (default: the configured relay addresses). Raises SdpError, SessionLimit."""
         offer = sdp.parse_offer(offer_sdp)
         if self.draining:
             raise Draining("this transceiver is draining: place the call on another one")
@@ -294,7 +297,7 @@ class TransceiverServer(asyncio.DatagramProtocol):
             ice_pwd=pwd,
             fingerprint=self.certificate.fingerprint,
             dtls_role=dtls_role,
-            candidate=self.config.relay_public,
+            candidate=relay_public or self.config.relay_public,
             tcp_port=self.config.relay_tcp_port,
             ssrc=ssrc,
             cname=f"voicerelay-{call.id[:8]}",

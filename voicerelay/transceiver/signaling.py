@@ -1,6 +1,7 @@
 """WHIP-style signaling (RFC 9725) and the demo page, over aiohttp.
 
-POST   /v1/sessions        application/sdp offer -> 201, the answer, Location, ETag
+POST   /v1/sessions        application/sdp offer -> 201, the answer, Location, ETag;
+                           503 + Retry-After when full or draining (after SIGTERM)
 DELETE /v1/sessions/{id}   end the session -> 204
 PATCH  /v1/sessions/{id}   405: no trickle ICE nor ICE restart (RFC 9725 4.3.1)
 GET    /v1/sessions/{id}   that session's stats (JSON)
@@ -8,7 +9,9 @@ GET    /v1/sessions/{id}/events   its conversation events (Server-Sent Events, d
 POST   /v1/client_tokens   (API key) a short-lived token for a browser: {"value", "expires_at"}
 GET    /v1/stats           the transceiver's counters (JSON; the API key when auth is on)
 OPTIONS /v1/...            CORS preflight (allowed origins only)
-GET    /healthz            200 "ok"
+GET    /healthz            200 "ok" while the process runs
+GET    /readyz             200 "ok", or 503 "draining" / "full" (docs/OPERATIONS.md)
+GET    /metrics            Prometheus text format (docs/OPERATIONS.md)
 GET    /                   the demo page (voicerelay/transceiver/web/), its files under /static/
 GET    /favicon.ico        the page's icon (SVG)
 
@@ -40,6 +43,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from voicerelay.addresses import format_addr
+from voicerelay.metrics import metrics_response, probe_response
 from voicerelay.transceiver.auth import (
     API_KEY_CALLER,
     Access,
@@ -59,7 +63,7 @@ from voicerelay.transceiver.ratelimit import (
     retry_after_header,
 )
 from voicerelay.transceiver.sdp import MAX_OFFER, SdpError
-from voicerelay.transceiver.server import SessionLimit, TransceiverServer
+from voicerelay.transceiver.server import Draining, SessionLimit, TransceiverServer
 from voicerelay.wire.token import load_keys
 
 log = logging.getLogger("voicerelay.signaling")
@@ -73,6 +77,7 @@ BODY_TIMEOUT_S = 5.0  # an offer must arrive this soon after its headers
 MAX_JSON_BODY = 1024  # POST /v1/client_tokens
 LINGER_S = 2.0  # after an early answer, how long an unread request body is drained
 FULL_RETRY_AFTER = "5"  # seconds, when the transceiver has no room for another session
+DRAIN_RETRY_AFTER = "1"  # seconds, when it is draining (another replica takes the call)
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -158,10 +163,15 @@ def _text(status: int, message: str, headers: dict[str, str] | None = None) -> w
 
 
 # Sessions ---------------------------------------------------------------------------------------
+INGRESS_HEADER = "X-Voicerelay-Ingress"  # names the edge ingress the answer advertises
+
+
 async def post_session(request: web.Request) -> web.Response:
     """Place a call: the API key, a client token (spent by this call) or, with authentication
     off, anyone; all but the API key take from their address's rate-limit bucket first."""
     guard, server = request.app[GUARD_KEY], request.app[SERVER_KEY]
+    if server.draining:
+        raise _draining()
     caller = guard.caller(request)
     if caller is not API_KEY_CALLER:
         guard.limit(request)
@@ -170,9 +180,12 @@ async def post_session(request: web.Request) -> web.Response:
     now = time.time()
     guard.access.may_create(caller, now)  # again: the token may have been spent meanwhile
     try:
-        call_id, answer = server.create_session(offer)
+        ingress = server.config.advertised(request.headers.get(INGRESS_HEADER))
+        call_id, answer = server.create_session(offer, ingress)
     except SdpError as exc:
         raise Refused(400, "bad_offer", f"bad offer: {exc}") from None
+    except Draining:
+        raise _draining() from None
     except SessionLimit as exc:
         raise Refused(503, "full", str(exc), {"Retry-After": FULL_RETRY_AFTER}) from None
     guard.access.claim(caller, now)
@@ -182,6 +195,15 @@ async def post_session(request: web.Request) -> web.Response:
         text=answer,
         content_type="application/sdp",
         headers={"Location": f"/v1/sessions/{call_id}", "ETag": f'"{call_id}"'},
+    )
+
+
+def _draining() -> Refused:
+    return Refused(
+        503,
+        "draining",
+        "this transceiver is draining: place the call on another one",
+        {"Retry-After": DRAIN_RETRY_AFTER},
     )
 
 
@@ -373,6 +395,17 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
 
+async def readyz(request: web.Request) -> web.Response:
+    """200 while new sessions are taken; 503 with why (draining, full) otherwise."""
+    why = request.app[SERVER_KEY].not_ready()
+    return probe_response(why is None, why or "")
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    """Prometheus text format (docs/OPERATIONS.md lists the metrics)."""
+    return await metrics_response(request.app[SERVER_KEY].registry)
+
+
 async def index(request: web.Request) -> web.StreamResponse:
     """The demo page, told whether signaling wants a client token."""
     page = WEB_DIR / "index.html"
@@ -537,6 +570,8 @@ def make_app(
     app.router.add_post("/v1/client_tokens", post_client_token)
     app.router.add_get("/v1/stats", get_stats)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/", index)
     app.router.add_get("/favicon.ico", favicon)
     if WEB_DIR.is_dir():

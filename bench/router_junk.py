@@ -13,8 +13,11 @@ past the adoption window, as in a worker that has run for more than `ADOPT_WINDO
 - junk from unknown sources by first byte: RTP range, DTLS range, STUN range (not a Binding
   request), outside RFC 7983 (unknown protocol); and unknown protocol from a known flow;
 - STUN Binding requests: a forged token-shaped ufrag (one AES-GCM open that fails), a valid
-  token past its client cap (an open that succeeds), an expired token (an open and a look
-  for its in-use mark in every shard), from a rate-limited /24 (refused before any open);
+  token past its client cap (an open that succeeds), an expired token (an open, a search of
+  the other shards and a look for its in-use mark in every shard), from a rate-limited /24
+  (refused before any open);
+- hop envelopes (first byte 'V', what an upstream relay of another cluster sends): malformed,
+  and well-formed around a forged-token Binding request;
 - RTP junk from unknown sources within `ADOPT_WINDOW` of a worker start (the only time an
   unknown source is searched for in the other shards).
 
@@ -33,7 +36,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +108,17 @@ def forged_ufrag(key_id: int) -> str:
 
 def junk(first: int, size: int = 172) -> bytes:
     return bytes([first]) + os.urandom(size - 1)
+
+
+def hop_items(keys: TokenKeys, calls: int) -> list[Item]:
+    """Well-formed hop envelopes (what an upstream relay sends) from unknown sources, each
+    naming a client of its own around a Binding request with a forged token-shaped ufrag."""
+    inner = [binding(forged_ufrag(keys.current)) for _ in range(1000)]
+    sources = peers(39, calls)
+    return [
+        (envelope.pack((host(40, i), 1024 + i % 50000), inner[i % len(inner)]), sources[i])
+        for i in range(calls)
+    ]
 
 
 # Setup ---------------------------------------------------------------------------------------
@@ -189,6 +203,16 @@ def kinds(router: RelayRouter, keys: TokenKeys, own: list[bytes], calls: int) ->
             "STUN expired token (marks scan)",
             cycle([binding(expired) for _ in range(pool)], peers(36, calls)),
             "drop_token_expired",
+        ),
+        Kind(
+            "hop envelope junk ('V', malformed)",
+            cycle([b"V" + junk(0x00, 171) for _ in range(pool)], peers(38, calls)),
+            "drop_envelope_malformed",
+        ),
+        Kind(
+            "hop envelope, forged token",
+            hop_items(keys, calls),
+            "drop_bad_token",
         ),
         Kind(
             "STUN from a rate-limited /24",

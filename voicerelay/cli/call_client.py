@@ -740,6 +740,26 @@ REFUSAL_FIXES = {
 }
 
 
+async def _post_offer(http: aiohttp.ClientSession, url: str, offer: str, report: Any) -> str:
+    """POST the offer (WHIP): the answer's text, `report.session_url`/`answer_sdp` filled in;
+    `_CallFailed` naming the fix for any refusal."""
+    async with http.post(
+        url.rstrip("/") + "/v1/sessions", data=offer, headers={"Content-Type": "application/sdp"}
+    ) as resp:
+        body = await resp.text(errors="replace")
+        if resp.status != 201:
+            fix = REFUSAL_FIXES.get(resp.status)
+            raise _CallFailed(
+                f"signaling answered {resp.status}: {body.strip()}" + (f"; {fix}" if fix else "")
+            )
+        location = resp.headers.get("Location")
+        if not location:
+            raise _CallFailed("signaling answered 201 without a Location header")
+        report.session_url = str(resp.url.join(aiohttp.client.URL(location)))
+        report.answer_sdp = body
+    return body
+
+
 async def _signal(
     pc: Any,
     http: aiohttp.ClientSession,
@@ -757,22 +777,7 @@ async def _signal(
     offer = await pc.createOffer()
     report.offer_sdp = offer.sdp
     posted = time.monotonic()
-    async with http.post(
-        url.rstrip("/") + "/v1/sessions",
-        data=offer.sdp,
-        headers={"Content-Type": "application/sdp"},
-    ) as resp:
-        body = await resp.text(errors="replace")
-        if resp.status != 201:
-            fix = REFUSAL_FIXES.get(resp.status)
-            raise _CallFailed(
-                f"signaling answered {resp.status}: {body.strip()}" + (f"; {fix}" if fix else "")
-            )
-        location = resp.headers.get("Location")
-        if not location:
-            raise _CallFailed("signaling answered 201 without a Location header")
-        report.session_url = str(resp.url.join(aiohttp.client.URL(location)))
-        report.answer_sdp = body
+    body = await _post_offer(http, url, offer.sdp, report)
     not_an_answer = "signaling answered 201 but the body is not an SDP answer"
     try:
         candidates = parse_answer(body).candidates
@@ -1206,20 +1211,7 @@ async def _tcp_signal(
     )
     report.offer_sdp = offer
     posted = time.monotonic()
-    async with http.post(
-        url.rstrip("/") + "/v1/sessions", data=offer, headers={"Content-Type": "application/sdp"}
-    ) as resp:
-        body = await resp.text(errors="replace")
-        if resp.status != 201:
-            fix = REFUSAL_FIXES.get(resp.status)
-            raise _CallFailed(
-                f"signaling answered {resp.status}: {body.strip()}" + (f"; {fix}" if fix else "")
-            )
-        location = resp.headers.get("Location")
-        if not location:
-            raise _CallFailed("signaling answered 201 without a Location header")
-        report.session_url = str(resp.url.join(aiohttp.client.URL(location)))
-        report.answer_sdp = body
+    body = await _post_offer(http, url, offer, report)
     try:
         answer = sdp.parse_answer(body)
         tcp = sdp.tcp_candidates(body)

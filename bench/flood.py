@@ -1,6 +1,8 @@
-"""Floods: do honest calls hold while the relay takes junk, spoofed-source token flows,
-forged-token STUN and signaling POST floods, at rising rates? And what does a junk datagram cost
-the relay against a forwarded one?
+"""Floods at rising rates: do honest calls hold, and what does junk cost the relay?
+
+Honest calls run and new ones are placed while the relay takes junk, spoofed-source token
+flows, expired tokens and forged-token STUN, and signaling takes POST floods; the relay's CPU
+per junk datagram is set against a forwarded one's.
 
     .venv/bin/python bench/flood.py [--quick] [--rates 1000,5000,20000,50000,100000]
 

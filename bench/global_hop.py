@@ -59,7 +59,9 @@ def hop_path(sink_port: int, core: int, driver: int, sockets: int) -> Iterator[p
     """Edge relay (cluster 1) routing cluster 0 to the home relay (cluster 0) in front of the
     sink; both one worker on `core`, sharing one secret."""
     with tempfile.TemporaryDirectory(prefix="vr-bench-hop-") as tmp:
-        home = RelayProcess(Path(tmp) / "home", workers=1, extra=["--no-pin"])
+        home = RelayProcess(
+            Path(tmp) / "home", workers=1, extra=["--no-pin", "--hop-peers", "127.0.0.0/8"]
+        )
         home.state_dir.mkdir()
         edge: RelayProcess | None = None
         try:

@@ -1,5 +1,6 @@
-"""The router alone: what a junk datagram costs `RelayRouter.client_datagram` against a forwarded
-one, in process (no sockets, no kernel), at 2 and 16 shards.
+"""The router alone: each kind of junk datagram's cost against a forwarded one, in process.
+
+`RelayRouter.client_datagram` with no sockets and no kernel, at 2 and 16 shards.
 
     .venv/bin/python bench/router_junk.py [--quick] [--shards 2,16] [--flows 2000]
 

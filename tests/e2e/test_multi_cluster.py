@@ -199,7 +199,11 @@ def _carrying_worker(relay: Relay) -> dict[str, Any] | None:
 
 def test_a_call_crosses_the_global_hop_and_survives_edge_kill_and_restart(tmp_path):
     with lan() as net:
-        home = Relay(net, "home", tmp_path / "home", {"VOICERELAY_CLUSTER_ID": str(HOME_CLUSTER)})
+        home_env = {
+            "VOICERELAY_CLUSTER_ID": str(HOME_CLUSTER),
+            "VOICERELAY_HOP_PEERS": "10.90.0.0/24",  # the edge relay's LAN
+        }
+        home = Relay(net, "home", tmp_path / "home", home_env)
         home.start()
         secret = home.state / "secret.key"
         edge = Relay(

@@ -3,6 +3,7 @@ shared-memory tables and a fake clock (no sockets). Also the `--cluster-routes` 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import uuid
@@ -62,8 +63,12 @@ def edge_router(table, **options) -> RelayRouter:
     )
 
 
+UPSTREAMS = (ipaddress.ip_network("10.90.0.0/16"),)  # the home relay's --hop-peers
+
+
 def home_router(table, shard=0, **options) -> RelayRouter:
     routes = {EDGE: ("10.90.1.1", 3478), 3: ("10.90.3.1", 3478)}
+    options.setdefault("hop_peers", UPSTREAMS)
     return RelayRouter(
         KEYS, table, shard, cluster_id=HOME, cluster_routes=routes, wall_offset=WALL, **options
     )
@@ -327,3 +332,14 @@ def test_bad_cluster_routes_are_refused_in_one_line(routes, message):
 def test_hop_limit_is_zero_or_one():
     with pytest.raises(ConfigError, match="hop-limit"):
         RelayConfig(hop_limit=2)
+
+
+def test_hop_envelopes_are_taken_only_from_the_hop_peers(tables):
+    """An envelope names its client: from anyone but a configured upstream relay it would let
+    the sender choose the address the new-flow limits are charged to."""
+    for home, upstream in (
+        (home_router(tables[1], hop_peers=()), EDGE_W0),  # the default: no hop peers
+        (home_router(tables[1], hop_peers=(ipaddress.ip_network("10.90.1.0/24"),)), STRANGER),
+    ):
+        assert hop_in(home, envelope.pack(CLIENT, binding()), upstream=upstream) is None
+        assert home.counters()["hops_in"] == 0

@@ -178,6 +178,13 @@ start_options = options(
         "forwarding to routes, no envelopes from upstream relays).",
     ),
     click.option(
+        "--hop-peers",
+        envvar="VOICERELAY_HOP_PEERS",
+        default="",
+        help="CIDR networks of the upstream (edge) relays whose hop envelopes this relay takes "
+        "[default: none: an envelope names its client, so only trusted relays may send one].",
+    ),
+    click.option(
         "--no-pin",
         is_flag=True,
         envvar="VOICERELAY_NO_PIN",

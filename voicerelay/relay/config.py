@@ -120,6 +120,9 @@ class RelayConfig:
     # `--cluster-routes`) and the relay-to-relay hops a datagram may take (0: none, 1: one).
     cluster_routes: tuple[str, ...] = ()
     hop_limit: int = 1
+    # Upstream relays (CIDR networks) whose hop envelopes this relay takes (`--hop-peers`);
+    # none by default: an envelope names its client, so only trusted relays may send one.
+    hop_peers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()
@@ -176,6 +179,11 @@ class RelayConfig:
         return self.state_dir / f"relay-{self.listen_port}.snapshot"
 
     @property
+    def hop_peer_networks(self) -> tuple[IpNetwork, ...]:
+        """`hop_peers` as networks (empty: no hop envelopes are taken)."""
+        return tuple(ipaddress.ip_network(n) for n in self.hop_peers)
+
+    @property
     def routes(self) -> dict[int, tuple[str, int]]:
         """`cluster_routes` as {cluster id: relay ingress} (validated in __post_init__)."""
         return parse_cluster_routes(self.cluster_routes)
@@ -225,6 +233,12 @@ class RelayConfig:
             check_redis_url(self.redis_url)
         self._validate_admission()
         self._validate_hop()
+        if isinstance(self.hop_peers, str):
+            self.hop_peers = tuple(p for p in self.hop_peers.split(",") if p.strip())
+        if self.hop_peers:
+            self.hop_peers = tuple(
+                str(n) for n in parse_networks(self.hop_peers, "--hop-peers", "10.1.0.0/16")
+            )
         self.transceiver_networks = tuple(
             str(n) for n in parse_networks(self.transceiver_networks, "--transceiver-networks")
         )

@@ -73,9 +73,11 @@ point at each other cannot loop. `hop_limit=0` turns hops off both ways.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+from voicerelay.config import IpNetwork
 from voicerelay.relay.admission import PrefixLimiter, prefix_of
 from voicerelay.shm.flowtable import GENERATION_AT, FlowRecord, FlowTable, ShardWriter, TableFull
 from voicerelay.wire import envelope, stun
@@ -236,6 +238,7 @@ class RelayRouter:
         idle_timeout: float = 30.0,
         cluster_routes: dict[int, Addr] | None = None,
         hop_limit: int = 1,
+        hop_peers: Sequence[IpNetwork] = (),
         expire_interval: float = 0.1,
         public_family: int = socket.AF_INET,
         internal_family: int = socket.AF_INET,
@@ -259,6 +262,8 @@ class RelayRouter:
         self.writer: ShardWriter = table.shard(shard)
         self.cluster_id = cluster_id
         self.hop_limit = hop_limit  # relay-to-relay hops a datagram may take (0 or 1)
+        self.hop_peers = tuple(hop_peers)  # who may send us hop envelopes
+        self._hop_peer_ok: dict[bytes, bool] = {}  # sockaddr -> allowed (bounded)
         self.cluster_routes = {c: canonical(a) for c, a in (cluster_routes or {}).items()}
         self.route_addrs = frozenset(self.cluster_routes.values())
         self.idle_timeout = idle_timeout
@@ -312,7 +317,7 @@ class RelayRouter:
                 self.packets_in += 1
                 self.bytes_in += n
                 return flow.transceiver_peer, flow.header + data
-        elif n and data[0] == _ENVELOPE_FIRST and self.hop_limit:
+        elif n and data[0] == _ENVELOPE_FIRST and self.hop_limit and self._is_hop_peer(peer):
             return self.hop_datagram(data, peer, now)
         elif (
             0 < n <= MAX_DATAGRAM
@@ -333,6 +338,23 @@ class RelayRouter:
             return self._drop("malformed")
         routed = self.client_datagram(data, peer, now)
         return None if routed is None else (addr_from_sockaddr(routed[0]), routed[1])
+
+    def _is_hop_peer(self, peer: bytes) -> bool:
+        """Is `peer` an upstream relay (`hop_peers`)? Only they may send hop envelopes: an
+        envelope names its client, which would let anyone else pick the client address the
+        new-flow limits are charged to."""
+        known = self._hop_peer_ok.get(peer)
+        if known is None:
+            if not self.hop_peers:
+                return False
+            host = ipaddress.ip_address(addr_from_sockaddr(peer)[0])
+            if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
+                host = host.ipv4_mapped
+            known = any(host in net for net in self.hop_peers if net.version == host.version)
+            if len(self._hop_peer_ok) >= 4096:
+                self._hop_peer_ok.clear()
+            self._hop_peer_ok[peer] = known
+        return known
 
     def hop_datagram(self, data: bytes, peer: bytes, now: float) -> tuple[bytes, bytes] | None:
         """Where an upstream relay's envelope goes: (transceiver sockaddr, envelope), or None

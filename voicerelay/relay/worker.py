@@ -116,6 +116,7 @@ class Worker:
             cluster_id=config.cluster_id,
             cluster_routes=config.routes,
             hop_limit=config.hop_limit,
+            hop_peers=config.hop_peer_networks,
             idle_timeout=config.idle_timeout,
             expire_interval=TICK,
             public_family=family_of(config.listen_host),  # the public socket's, below

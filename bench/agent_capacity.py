@@ -61,7 +61,7 @@ import harness
 import numpy as np
 import psutil
 import uvloop
-from loadclient import RTP_TICKS, CoreMeter, LoadClient, raise_fd_limit, record_setup
+from loadclient import RTP_TICKS, CoreMeter, LoadClient, raise_fd_limit
 
 from tests.support.procs import RELAYCTL, free_ports, wait_for
 from tests.support.voice import speech
@@ -252,28 +252,10 @@ class TalkingLoad(LoadClient):
         self.histogram = np.zeros(JITTER_BUCKETS_MS, np.int64)
         self._rng = random.Random(seed)
 
-    async def _open_one(self, result: Any, timeout: float) -> None:
-        call = TalkingCall(
+    def new_call(self) -> TalkingCall:
+        return TalkingCall(
             self.certificate, offset=self._rng.randrange(len(self.cycle)), histogram=self.histogram
         )
-        try:
-            await asyncio.wait_for(call.connect(self.http, self.url, self.options), timeout)
-            await asyncio.wait_for(call.secure, timeout)
-        except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - counted, not fatal
-            result.failed += 1
-            result.errors.append(f"{type(exc).__name__}: {exc}"[:200])
-            call.close()
-            return
-        record_setup(result, call)
-        self.calls.append(call)
-        self.live.append(call)
-
-    def _tick(self) -> None:
-        # uvloop's loop.time() moves in whole milliseconds while `_next` gathers float error
-        # upwards (x.568000000001 > x.568): unsnapped, each sub-tick spins for a millisecond
-        # (call_at fires at once, `_next <= now` stays false). Snap it to the microsecond.
-        self._next = round(self._next, 6)
-        super()._tick()
 
     def _send_phase(self) -> None:
         if self._phase == 0:

@@ -294,8 +294,12 @@ class LoadClient:
         result.seconds = time.monotonic() - start
         return result
 
+    def new_call(self) -> ClientCall:
+        """One call of this load (subclasses: a call that talks, or answers full ICE)."""
+        return ClientCall(self.certificate)
+
     async def _open_one(self, result: SetupResult, timeout: float) -> None:
-        call = ClientCall(self.certificate)
+        call = self.new_call()
         try:
             await asyncio.wait_for(call.connect(self.http, self.url, self.options), timeout)
             await asyncio.wait_for(call.secure, timeout)

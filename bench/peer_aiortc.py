@@ -56,7 +56,6 @@ from loadclient import (
     bench_stack,
     drain,
     raise_fd_limit,
-    record_setup,
 )
 from peer_coturn import RunTimeMeter, wait_quiet
 
@@ -136,45 +135,19 @@ class FullIceCall(ClientCall):
 
 
 class PeerLoadClient(LoadClient):
-    """bench/loadclient.py's load client, placing calls of `call_class`, with a ticker that
-    does not spin under uvloop (see `_tick`)."""
+    """bench/loadclient.py's load client, placing calls of `call_class` with a longer setup
+    timeout (aiortc is slow to answer under load)."""
 
     def __init__(self, *args: Any, call_class: type[ClientCall], timeout: float, **kw: Any):
         super().__init__(*args, **kw)
         self.call_class = call_class
         self.timeout = timeout
 
-    async def _open_one(self, result: SetupResult, timeout: float) -> None:
-        call = self.call_class(self.certificate)
-        timeout = max(timeout, self.timeout)
-        try:
-            await asyncio.wait_for(call.connect(self.http, self.url, self.options), timeout)
-            await asyncio.wait_for(call.secure, timeout)
-        except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - counted, not fatal
-            result.failed += 1
-            result.errors.append(f"{type(exc).__name__}: {exc}"[:200])
-            call.close()
-            return
-        record_setup(result, call)
-        self.calls.append(call)
-        self.live.append(call)
+    def new_call(self) -> ClientCall:
+        return self.call_class(self.certificate)
 
-    def _tick(self) -> None:
-        """`LoadClient._tick`, taking a sub-tick less than TIMER_SLACK ahead as due: uvloop's
-        clock and timers have 1 ms resolution, so its timer can fire just before `_next`, and
-        re-arming it for a time that is already "now" spins the loop until the clock ticks
-        over (measured: a third of a core for 5 calls)."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        while self._next <= now + TIMER_SLACK:  # every sub-tick due by now, in order
-            if self._next < now - TICK:
-                self.missed_ticks += 1
-            else:
-                self._send_phase()
-                self.ticks += 1
-            self._next += TICK / self.phases
-            self._phase = (self._phase + 1) % self.phases
-        self._handle = loop.call_at(self._next, self._tick)
+    async def _open_one(self, result: SetupResult, timeout: float) -> None:
+        await super()._open_one(result, max(timeout, self.timeout))
 
 
 # The peers ------------------------------------------------------------------------------------

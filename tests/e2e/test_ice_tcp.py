@@ -30,6 +30,7 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import sync_playwright
 
 from tests.e2e.conftest import UpStack
+from tests.e2e.test_browser import FLAGS
 from tests.support import netns
 from tests.support.netns import ClientHost
 from tests.support.procs import (
@@ -149,20 +150,8 @@ table inet voicerelay_no_udp {
 }
 """
 
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-    "--use-fake-device-for-media-stream",
-    "--use-fake-ui-for-media-stream",
-    "--disable-features=WebRtcHideLocalIpsWithMdns",
-    "--autoplay-policy=no-user-gesture-required",
-]
+# The demo-page flags, but a namespace client reaches the stack on a veth address, not loopback.
+CHROMIUM_FLAGS = [flag for flag in FLAGS if flag != "--allow-loopback-in-peer-connection"]
 
 CONNECTED = "() => window.voicerelay.pc?.connectionState === 'connected'"
 SELECTED_PAIR = """async () => {

@@ -16,7 +16,7 @@ $(VENV)/.test: $(VENV)/.runtime pyproject.toml
 	$(PIP) install -q -e '.[agent,test]'
 	touch $@
 
-install-system:            ## Debian packages: redis-server, chromium, firefox-esr, nftables, node (tests), espeak-ng (the agent)
+install-system:            ## Debian packages: redis-server, chromium, firefox-esr, nftables, node (tests), espeak-ng (the agent), clang, libbpf-dev, ethtool (kernel fast path)
 	bash scripts/install-system-deps.sh
 
 WERIFT := tests/e2e/werift

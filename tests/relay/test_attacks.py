@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.fastpath import MODES, assert_mode, relay_args, require_mode
 from tests.support.procs import RELAYCTL, RelayProcess, wait_for
 from tests.support.standin import StandIn
 from tests.wire.test_token import old_format_token
@@ -39,9 +40,12 @@ ADMISSION = [
 ]
 
 
-@pytest.fixture(scope="module")
-def relay(tmp_path_factory):
-    with RelayProcess(tmp_path_factory.mktemp("attacks"), workers=2, extra=ADMISSION) as proc:
+@pytest.fixture(scope="module", params=MODES)
+def relay(tmp_path_factory, request):
+    require_mode(request.param)
+    extra = [*ADMISSION, *relay_args(request.param)]
+    with RelayProcess(tmp_path_factory.mktemp("attacks"), workers=2, extra=extra) as proc:
+        assert_mode(proc, request.param)
         yield proc
 
 

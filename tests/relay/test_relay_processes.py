@@ -1,4 +1,5 @@
-"""The relay as a user runs it: `relayctl start` with 2 workers, real UDP, real processes."""
+"""The relay as a user runs it: `relayctl start` with 2 workers, real UDP, real processes; the
+forwarding tests run both ways, in userspace and with the kernel fast path."""
 
 from __future__ import annotations
 
@@ -16,15 +17,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.fastpath import MODES, assert_mode, relay_args, require_mode
 from tests.support.procs import RELAYCTL, RelayProcess, alive, free_ports, wait_for
 from tests.support.standin import MediaClient, StandIn, binding_request
 from voicerelay.wire import envelope, stun
 from voicerelay.wire.token import TokenKeys, load_keys
 
 
+@pytest.fixture(scope="module", params=MODES)
+def mode(request):
+    require_mode(request.param)
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def relay(tmp_path_factory):
-    with RelayProcess(tmp_path_factory.mktemp("relay"), workers=2) as proc:
+def relay(tmp_path_factory, mode):
+    with RelayProcess(tmp_path_factory.mktemp("relay"), workers=2, extra=relay_args(mode)) as proc:
+        assert_mode(proc, mode)
         yield proc
 
 
@@ -309,8 +318,11 @@ def test_garbage_on_the_control_socket_does_not_hurt_the_launcher(relay):
 # Crashes and stopping -----------------------------------------------------------------------
 
 
-def test_worker_killed_mid_stream_comes_back_and_keeps_flows(tmp_path):
-    with RelayProcess(tmp_path, workers=2) as relay:
+@pytest.mark.parametrize("how", MODES)
+def test_worker_killed_mid_stream_comes_back_and_keeps_flows(tmp_path, how):
+    require_mode(how)
+    with RelayProcess(tmp_path, workers=2, extra=relay_args(how)) as relay:
+        assert_mode(relay, how)
         keys = load_keys(relay.secret_file)
         transceiver = StandIn(echo=True).start()
         client = MediaClient(relay.public)

@@ -33,7 +33,8 @@ class StandIn:
     """Receives envelopes in a thread; records (client, payload, relay worker); echoes on demand.
 
     With `echo=True`, every non-STUN payload is sent back to its client in an envelope, through
-    the worker it came from, prefixed with b"E". `moves` logs (monotonic time, client, previous
+    the worker it came from, prefixed with b"E" (except to clients in `muted`: a transceiver
+    that stopped answering them). `moves` logs (monotonic time, client, previous
     worker or None, new worker) each time a client's packets arrive through another worker.
     """
 
@@ -49,6 +50,7 @@ class StandIn:
         self.received: dict[tuple[str, int], list[bytes]] = defaultdict(list)
         self.workers: dict[tuple[str, int], tuple[str, int]] = {}
         self.moves: list[Move] = []
+        self.muted: set[tuple[str, int]] = set()
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -72,7 +74,7 @@ class StandIn:
                 if previous != worker:
                     self.moves.append((time.monotonic(), client, previous, worker))
                 self.workers[client] = worker
-            if self.echo and payload and not IS_STUN[payload[0]]:
+            if self.echo and payload and not IS_STUN[payload[0]] and client not in self.muted:
                 self.sock.sendto(envelope.pack(client, b"E" + payload), worker)
 
     def reply(self, client: tuple[str, int], payload: bytes) -> None:

@@ -185,6 +185,14 @@ start_options = options(
         "[default: none: an envelope names its client, so only trusted relays may send one].",
     ),
     click.option(
+        "--kernel-fast-path",
+        is_flag=True,
+        envvar="VOICERELAY_KERNEL_FAST_PATH",
+        help="Forward established IPv4 flows in the kernel (a tc eBPF program; needs root, "
+        "clang and libbpf-dev); STUN, new flows and expiry stay with the workers. When it "
+        "cannot run, the relay says why in one line and forwards in userspace.",
+    ),
+    click.option(
         "--no-pin",
         is_flag=True,
         envvar="VOICERELAY_NO_PIN",
@@ -258,8 +266,19 @@ def start(listen: str, state_dir: Path | None, foreground: bool, **options: Any)
         f"relay started on {format_addr((config.listen_host, config.listen_port))} "
         f"with {config.workers} workers (pid {pid}); log: {config.log_file}"
         + (f"\n  ICE over TCP on port {config.tcp_port}" if config.tcp_port else "")
+        + fast_path_note(config)
         + wildcard_note(config.listen_host)
     )
+
+
+def fast_path_note(config: RelayConfig) -> str:
+    """For `--kernel-fast-path`: the line saying whether the kernel forwards, and if not why."""
+    if not config.kernel_fast_path:
+        return ""
+    state = _request(config, "status").get("fast_path", "off")
+    if state.startswith("off"):
+        return f"\n  kernel fast path {state}; forwarding in userspace"
+    return f"\n  kernel fast path {state}"
 
 
 def wildcard_note(host: str) -> str:
@@ -347,6 +366,18 @@ def format_stats(reply: dict[str, Any]) -> str:
             f"{c['packets_out']:>10} {c['bytes_out']:>12} {c['flows']:>7}  {drops}"
         )
     totals = reply["totals"]
+    kernel = reply.get("kernel")
+    if kernel is not None:
+        passed = ", ".join(f"{k[5:]}={v}" for k, v in kernel.items() if k.startswith("pass_") and v)
+        lines.append(
+            f"kernel fast path: {totals['kernel_flows']} flows, forwarded "
+            f"{kernel['to_transceiver']} in ({kernel['to_transceiver_bytes']} bytes), "
+            f"{kernel['to_client']} out ({kernel['to_client_bytes']} bytes); "
+            f"left to workers: {passed or '-'}"
+            + (f"; failed {kernel['failed']}" if kernel.get("failed") else "")
+        )
+    elif reply.get("fast_path", "off") != "off":
+        lines.append(f"kernel fast path {reply['fast_path']}")
     if totals.get("tcp_accepted"):
         lines.append(
             f"tcp: {totals['tcp_connections']} connections open, {totals['tcp_flows']} with a "
@@ -405,6 +436,7 @@ def restart(listen: str, state_dir: Path | None, **options: Any) -> None:
     click.echo(
         f"relay restarted on {config.listen_host}:{config.listen_port} "
         f"with {config.workers} workers (pid {pid}); log: {config.log_file}"
+        + fast_path_note(config)
     )
 
 

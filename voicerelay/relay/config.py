@@ -123,6 +123,8 @@ class RelayConfig:
     # Upstream relays (CIDR networks) whose hop envelopes this relay takes (`--hop-peers`);
     # none by default: an envelope names its client, so only trusted relays may send one.
     hop_peers: tuple[str, ...] = ()
+    # Kernel fast path (relay/fastpath): established IPv4 flows forwarded by a tc eBPF program.
+    kernel_fast_path: bool = False
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()

@@ -23,10 +23,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from voicerelay import metrics
+from voicerelay.addresses import format_addr
 from voicerelay.config import ConfigError
 from voicerelay.process import configure_logging
 from voicerelay.relay import control, snapshot
 from voicerelay.relay.config import RelayConfig
+from voicerelay.relay.fastpath import FastPathUnavailable
+from voicerelay.relay.fastpath.kernel import RENEW, FastPathSettings, FlowMap, KernelFastPath
+from voicerelay.relay.fastpath.layout import client_of_key
 from voicerelay.relay.preflight import PidFile, preflight
 from voicerelay.relay.router import COUNTER_FIELDS
 from voicerelay.relay.supervisor import Supervisor
@@ -34,6 +38,7 @@ from voicerelay.shm.counters import CounterArray
 from voicerelay.shm.flowtable import FlowTable
 
 log = logging.getLogger("voicerelay.launcher")
+KERNEL_FLOWS_SHOWN = 1000  # entries `kernel_flows` lists (a control reply stays small)
 
 
 class Launcher:
@@ -52,6 +57,8 @@ class Launcher:
         self._done: asyncio.Event | None = None
         self.metrics_runner: web.AppRunner | None = None
         self.metrics_port: int | None = None  # where /metrics listens, once it does
+        self.fast_path: KernelFastPath | None = None
+        self.fast_path_state = "off"  # what status reports: "on (...)", "off", "off: why"
 
     # Start ----------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -75,6 +82,43 @@ class Launcher:
         if self.restore.restored:
             log.info("restored %d flows from %s", self.restore.restored, store.describe())
         self.snapshotter = snapshot.Snapshotter(self.table, store, seal, cfg.snapshot_interval)
+        if cfg.kernel_fast_path:
+            self._start_fast_path()
+
+    def _start_fast_path(self) -> None:
+        """Load and attach the kernel fast path; when it cannot run, say why in one line and
+        forward in userspace."""
+        cfg = self.config
+        settings = FastPathSettings(
+            (cfg.listen_host, cfg.listen_port),
+            cfg.internal_host,
+            range(cfg.internal_port_base, cfg.internal_port_base + cfg.workers),
+        )
+        try:
+            self.fast_path = KernelFastPath.start(settings, cfg.state_dir / "fastpath")
+        except FastPathUnavailable as exc:
+            self.fast_path_state = f"off: {exc}"
+            log.warning("kernel fast path off: %s; forwarding in userspace", exc)
+            return
+        self.supervisor.kernel_flows_fd = self.fast_path.flows_fd
+        self.fast_path_state = self.fast_path.describe()
+        off = self.fast_path.forwarding_off()
+        if off:
+            self.fast_path_state += (
+                f"; forwarding off on {', '.join(off)}: peers on other hosts stay in userspace "
+                f"(sysctl net.ipv4.conf.{off[0]}.forwarding=1)"
+            )
+        log.info("kernel fast path %s", self.fast_path_state)
+
+    async def _renew_fast_path(self) -> None:
+        """Keep the kernel program forwarding while this launcher lives."""
+        assert self.fast_path is not None
+        while True:
+            await asyncio.sleep(RENEW)
+            try:
+                self.fast_path.renew()
+            except OSError as exc:
+                log.warning("renewing the kernel fast path failed: %s", exc)
 
     async def run(self) -> None:
         """Workers, snapshots and the control socket until SIGTERM/SIGINT/SIGHUP or `stop`."""
@@ -84,8 +128,14 @@ class Launcher:
         self.supervisor.start(loop)
         assert self.snapshotter is not None
         self.snapshotter.start()
+        renewer = asyncio.ensure_future(self._renew_fast_path()) if self.fast_path else None
         path = self.config.control_socket
-        operations = {"status": self.status, "stats": self.stats, "stop": self._stop_requested}
+        operations = {
+            "status": self.status,
+            "stats": self.stats,
+            "stop": self._stop_requested,
+            "kernel_flows": self.kernel_flows,
+        }
         try:
             server = await control.serve(path, operations)
         except OSError as exc:
@@ -106,6 +156,8 @@ class Launcher:
         try:
             await self._done.wait()
         finally:
+            if renewer is not None:
+                renewer.cancel()
             self.supervisor.unwatch(loop)
             server.close()
             await self._stop_metrics()
@@ -164,6 +216,7 @@ class Launcher:
             "listen": f"{self.config.listen_host}:{self.config.listen_port}",
             "uptime": time.time() - self.started,
             "restored_flows": self.restore.restored,
+            "fast_path": self.fast_path_state,
             "workers": self.supervisor.status(),
         }
 
@@ -178,7 +231,28 @@ class Launcher:
         status["table_flows"] = self.table.count()
         status["snapshot"] = self.snapshotter.state() if self.snapshotter else {}
         status["restore"] = self.restore.as_dict()
+        if self.fast_path is not None:
+            status["kernel"] = self.fast_path.stats()
         return status
+
+    def kernel_flows(self) -> dict[str, Any]:
+        """The kernel's flow map: how many entries, and the first `KERNEL_FLOWS_SHOWN` of them
+        (client, transceiver, owning worker's internal port, what each forwarded), for
+        operators and tests; empty when the fast path is off."""
+        flows = []
+        items = FlowMap(self.fast_path.flows_fd).items() if self.fast_path is not None else []
+        if items:
+            for key, reading in items[:KERNEL_FLOWS_SHOWN]:
+                flows.append(
+                    {
+                        "client": format_addr(client_of_key(key)),
+                        "transceiver": format_addr(client_of_key(reading.transceiver + bytes(2))),
+                        "internal_port": reading.internal_port,
+                        "packets_in": reading.packets_in,
+                        "packets_out": reading.packets_out,
+                    }
+                )
+        return {"ok": True, "fast_path": self.fast_path_state, "total": len(items), "flows": flows}
 
     def metrics_stats(self) -> dict[str, Any]:
         """What a scrape reads: `status()` with each worker's counter row and the snapshot
@@ -196,6 +270,9 @@ class Launcher:
         nothing of another one's: a start that failed has nothing to remove)."""
         if self.pid_file is None:
             return
+        if self.fast_path is not None:  # first: the workers take every packet from now on
+            self.fast_path.close()
+            self.fast_path = None
         self.supervisor.stop()
         if self.snapshotter is not None:
             self.snapshotter.stop(final=True)

@@ -53,6 +53,14 @@ worker's TCP flows, is refused (`address_in_use`). A transceiver's envelope for 
 queued on `tcp_out` for the worker to write to the connection; TCP flows expire by the same
 rules as UDP flows (`expire_tcp`).
 
+The kernel fast path (`relay.fastpath`, opt-in): with `offload`, an answered UDP flow of
+IPv4 addresses (not a TCP or hop flow) is handed to the kernel's flow map, which then forwards
+its DTLS and RTP/RTCP both ways without this worker; STUN and everything unusual still come
+here. The router alone decides: `take_kernel_ops` gives the worker what to put in or delete
+from the map (a flow offloaded, a flow forgotten), and `kernel_activity` brings back what the
+kernel forwarded (counters, the last return traffic), so counters, liveness, rebinding and
+expiry work as without it.
+
 The global hop (one relay-to-relay hop between clusters): a token naming another cluster goes,
 enveloped, to that cluster's relay ingress (`cluster_routes`), which this relay treats as a
 transceiver; its replies come back enveloped and leave to the client like any transceiver's.
@@ -79,6 +87,7 @@ from collections.abc import Iterable, Sequence
 
 from voicerelay.config import IpNetwork
 from voicerelay.relay.admission import PrefixLimiter, prefix_of
+from voicerelay.relay.fastpath.layout import flow_key, is_ipv4_sockaddr
 from voicerelay.shm.flowtable import GENERATION_AT, FlowRecord, FlowTable, ShardWriter, TableFull
 from voicerelay.wire import envelope, stun
 from voicerelay.wire.addr import Addr, addr_from_sockaddr, canonical, sockaddr
@@ -144,6 +153,15 @@ EVENTS = (
 # Global hop: datagrams sent on to another cluster's relay, taken from an upstream relay, and
 # replies sent back to an upstream relay.
 HOP_COUNTERS = ("hops_out", "hops_in", "hops_back")
+# Kernel fast path: datagrams (and their bytes) the kernel forwarded for this worker's flows
+# (already included in packets_in/out and bytes_in/out), and flows it holds now.
+KERNEL_COUNTERS = (
+    "kernel_packets_in",
+    "kernel_bytes_in",
+    "kernel_packets_out",
+    "kernel_bytes_out",
+    "kernel_flows",
+)
 COUNTER_FIELDS: tuple[str, ...] = (
     "packets_in",
     "bytes_in",
@@ -154,6 +172,7 @@ COUNTER_FIELDS: tuple[str, ...] = (
     *(f"drop_{reason}" for reason in DROP_REASONS),
     *TCP_COUNTERS,
     *HOP_COUNTERS,
+    *KERNEL_COUNTERS,
 )
 _TOKEN_DROPS = {"old-format": "token_old_format"}  # every other TokenError: bad_token
 _STUN, _UNKNOWN = PacketKind.STUN, PacketKind.UNKNOWN
@@ -191,6 +210,8 @@ class LocalFlow:
         "onward",
         "upstream",
         "flushed_in",
+        "kernel_key",
+        "kernel_seen",
     )
 
     def __init__(
@@ -219,6 +240,8 @@ class LocalFlow:
         self.onward = False  # its "transceiver" is another cluster's relay ingress
         self.upstream = False  # came through an upstream relay (`peer` is that relay's)
         self.flushed_in = packets_in  # packets_in at the last flush (hop counters)
+        self.kernel_key = b""  # its key in the kernel's flow map, once offloaded
+        self.kernel_seen = (0, 0, 0, 0)  # the kernel's counters as last taken in
 
     def last_return(self, now: float) -> float:
         """When the transceiver last sent to this client (`now` if since the last flush)."""
@@ -248,12 +271,14 @@ class RelayRouter:
         new_flow_burst: int = 200,
         rebind_after: float = 10.0,
         unanswered_timeout: float = 10.0,
+        offload: bool = False,
         now: float = 0.0,
         wall_offset: float = 0.0,
     ) -> None:
         """`now` is the monotonic time the worker starts (it opens the adoption window);
         `wall_offset` is wall clock minus monotonic clock (tokens carry wall-clock times),
-        kept current by the caller."""
+        kept current by the caller. `offload`: hand answered flows to the kernel fast path
+        (only when both sockets are IPv4)."""
         self.keys = keys
         self.public_family = public_family
         self.internal_family = internal_family
@@ -294,6 +319,10 @@ class RelayRouter:
         self.hops_swept_at = now
         self.dirty: set[LocalFlow] = set()
         self.packets_in = self.bytes_in = self.packets_out = self.bytes_out = 0
+        self.offload = offload and public_family == internal_family == socket.AF_INET
+        self.offloaded: dict[bytes, LocalFlow] = {}  # kernel key -> flow the kernel forwards
+        self.kernel_ops: dict[bytes, LocalFlow | None] = {}  # key -> put (flow) or delete
+        self.kernel = dict.fromkeys(KERNEL_COUNTERS, 0)
         self.events = dict.fromkeys(EVENTS, 0)
         self.drops = dict.fromkeys(DROP_REASONS, 0)
         self.junk = [0] * 256  # unknown-address drops on the fast path, by first byte
@@ -774,6 +803,10 @@ class RelayRouter:
         self.dirty.discard(flow)
         self.unanswered.pop(flow, None)
         self._untag(flow)
+        if flow.kernel_key:
+            self.offloaded.pop(flow.kernel_key, None)
+            self.kernel_ops[flow.kernel_key] = None
+            flow.kernel_key = b""
 
     # Transceiver -> client ------------------------------------------------------------------
     def transceiver_datagram(
@@ -902,8 +935,84 @@ class RelayRouter:
                     self._mark(flow.ufrag, now)
             if flow.slot != NO_SLOT:
                 touch(flow.slot, flow.seen_at, flow.packets_in, out)
+                if out and self.offload and not flow.kernel_key and not flow.upstream:
+                    self._offload(flow)
         self.dirty.clear()
         return count
+
+    # Kernel fast path -----------------------------------------------------------------------
+    def _offload(self, flow: LocalFlow) -> None:
+        """Hand an answered flow to the kernel (IPv4 clients only)."""
+        if not is_ipv4_sockaddr(flow.peer) or not is_ipv4_sockaddr(flow.transceiver_peer):
+            return
+        key = flow_key(flow.peer)
+        flow.kernel_key = key
+        flow.kernel_seen = (0, 0, 0, 0)
+        self.offloaded[key] = flow
+        self.kernel_ops[key] = flow
+
+    def take_kernel_ops(self) -> list[tuple[bytes, LocalFlow | None]]:
+        """What the kernel's flow map must do since the last call, in order: (key, flow) to put
+        the flow in, (key, None) to delete it. The worker applies them."""
+        ops = list(self.kernel_ops.items())
+        self.kernel_ops.clear()
+        return ops
+
+    def kernel_activity(
+        self, key: bytes, counts: tuple[int, int, int, int], last_out: float, now: float
+    ) -> bool:
+        """Take in what the kernel forwarded for the flow under `key`: `counts` are its packets
+        and bytes in, packets and bytes out since it was put in the map, `last_out` the
+        monotonic time of its last datagram to the client. False if no offloaded flow of this
+        worker has that key (the caller deletes it when the entry is this worker's)."""
+        flow = self.offloaded.get(key)
+        if flow is None:
+            return False
+        seen = flow.kernel_seen
+        if any(c < s for c, s in zip(counts, seen, strict=True)):
+            seen = (0, 0, 0, 0)  # the entry was put in again: counted from zero
+        d_in, d_bin, d_out, d_bout = (c - s for c, s in zip(counts, seen, strict=True))
+        flow.kernel_seen = counts
+        if not (d_in or d_out):
+            return True
+        flow.packets_in += d_in
+        self.packets_in += d_in
+        self.bytes_in += d_bin
+        self.kernel["kernel_packets_in"] += d_in
+        self.kernel["kernel_bytes_in"] += d_bin
+        if d_out:
+            flow.packets_out += d_out
+            flow.flushed_out += d_out  # its time is the kernel's, not the next flush's
+            flow.seen_at = max(flow.seen_at, min(last_out, now))
+            self.packets_out += d_out
+            self.bytes_out += d_bout
+            self.kernel["kernel_packets_out"] += d_out
+            self.kernel["kernel_bytes_out"] += d_bout
+            self.unanswered.pop(flow, None)
+            if flow.ufrag:
+                self._mark(flow.ufrag, now)
+        self.dirty.add(flow)
+        return True
+
+    def adopt_offloaded(
+        self, key: bytes, client: Addr, counts: tuple[int, int, int, int], now: float
+    ) -> bool:
+        """A flow of this shard the kernel forwards for this worker, left by its previous
+        incarnation: known again here, offloaded as it is (its counters so far are not
+        counted twice). False if the shard does not hold it (the caller deletes the entry)."""
+        flow = self.flows.get(client)
+        if flow is None:
+            flow = self._adopt_own(client, now)
+        if flow is None or flow.slot == NO_SLOT:
+            return False
+        if flow.kernel_key != key:
+            if flow.kernel_key:
+                self.offloaded.pop(flow.kernel_key, None)
+            flow.kernel_key = key
+            self.offloaded[key] = flow
+        flow.kernel_seen = counts
+        self.kernel_ops.pop(key, None)
+        return True
 
     def _mark(self, ufrag: bytes, now: float) -> None:
         """Tell the other workers this token is in use (at most every `MARK_EVERY`)."""
@@ -968,6 +1077,8 @@ class RelayRouter:
             "tcp_flows": len(self.tcp_by_peer),
             **self.events,
             **self.hops,
+            **self.kernel,
+            "kernel_flows": len(self.offloaded),
         }
         drops = dict(self.drops)
         for first, count in enumerate(self.junk):

@@ -102,6 +102,7 @@ class Supervisor:
     """Keeps `config.workers` worker processes running until `stop`.
 
     `close_in_worker`: descriptors a forked worker must not keep (the launcher's pid-file lock).
+    `kernel_flows_fd`: the kernel fast path's flow map, which every worker inherits (None: off).
     `on_exit`: called when a worker has exited (the launcher tells the surviving workers, so
     they adopt its clients at once instead of when a replacement starts).
     """
@@ -121,6 +122,7 @@ class Supervisor:
             for i in range(config.workers)
         ]
         self.close_in_worker = tuple(close_in_worker)
+        self.kernel_flows_fd: int | None = None
         self.stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -223,7 +225,13 @@ class Supervisor:
         read_fd, write_fd = os.pipe()
         process = _fork.Process(
             target=_worker_main,
-            args=(self.config, slot.index, write_fd, (read_fd, *self.close_in_worker)),
+            args=(
+                self.config,
+                slot.index,
+                write_fd,
+                (read_fd, *self.close_in_worker),
+                self.kernel_flows_fd,
+            ),
             name=f"voicerelay-worker-{slot.index}",
             daemon=False,
         )
@@ -313,13 +321,19 @@ class Supervisor:
 # In the worker process -------------------------------------------------------------------------
 
 
-def _worker_main(config: RelayConfig, index: int, reason_fd: int, close: Sequence[int]) -> None:
+def _worker_main(
+    config: RelayConfig,
+    index: int,
+    reason_fd: int,
+    close: Sequence[int],
+    kernel_flows_fd: int | None = None,
+) -> None:
     """A forked worker: run it; if its run raises, report why in one line and exit."""
     for fd in close:
         with contextlib.suppress(OSError):
             os.close(fd)
     try:
-        run_worker(config, index)
+        run_worker(config, index, kernel_flows_fd)
     except BaseException as exc:  # a failed worker says why, then exits
         line = " ".join(f"{type(exc).__name__}: {exc}".split())[:MAX_REASON]
         with contextlib.suppress(OSError):

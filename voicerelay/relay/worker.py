@@ -7,6 +7,9 @@ The public socket shares the relay port with every other worker (SO_REUSEPORT: t
 hashes each client to one worker). The internal socket has a stable per-worker address, so a
 transceiver's replies still land after this worker is restarted.
 
+With the kernel fast path on (`relay.fastpath`), the worker also keeps the kernel's entries for
+its flows in step with its router on every tick (`KernelSync`).
+
 With a TCP port configured, the worker also listens there (SO_REUSEPORT again) for ICE over TCP
 (`relay.tcp.TcpService`): frames go to transceivers through the same router and internal
 socket, and the replies the router queues for TCP clients are written out after each batch
@@ -28,12 +31,14 @@ import uvloop
 from voicerelay.net import bind_udp, family_of
 from voicerelay.process import die_with_parent
 from voicerelay.relay.config import RelayConfig
+from voicerelay.relay.fastpath.kernel import FlowMap
+from voicerelay.relay.fastpath.sync import KernelSync
 from voicerelay.relay.mmsg import DatagramBatch, Route
 from voicerelay.relay.router import RelayRouter
 from voicerelay.relay.tcp import TcpService, TcpSettings
 from voicerelay.shm.counters import CounterArray
 from voicerelay.shm.flowtable import FlowTable
-from voicerelay.wire.addr import SOCKADDR_IN6_SIZE, SOCKADDR_IN_SIZE
+from voicerelay.wire.addr import SOCKADDR_IN6_SIZE, SOCKADDR_IN_SIZE, sockaddr
 from voicerelay.wire.token import load_keys
 
 log = logging.getLogger("voicerelay.worker")
@@ -99,7 +104,7 @@ def sockaddr_size(family: int) -> int:
 class Worker:
     """One worker's sockets, router and timer."""
 
-    def __init__(self, config: RelayConfig, index: int) -> None:
+    def __init__(self, config: RelayConfig, index: int, kernel_flows_fd: int | None = None) -> None:
         self.config = config
         self.index = index
         self.table = FlowTable.attach(config.shm_name)
@@ -127,6 +132,7 @@ class Worker:
             new_flow_burst=config.new_flow_burst,
             rebind_after=config.rebind_after,
             unanswered_timeout=config.unanswered_timeout,
+            offload=kernel_flows_fd is not None,
             now=now,
             wall_offset=time.time() - now,
         )
@@ -140,6 +146,18 @@ class Worker:
                     config.listen_host, config.tcp_port, config.tcp_connections, config.idle_timeout
                 ),
             )
+        self.kernel: KernelSync | None = None
+        if kernel_flows_fd is not None and self.router.offload:
+            wildcard = socket.inet_aton(config.listen_host) == bytes(4)
+            self.kernel = KernelSync(
+                FlowMap(kernel_flows_fd),
+                self.router,
+                sockaddr(config.internal_addr(index)),
+                bytes(4) if wildcard else socket.inet_aton(config.listen_host),
+            )
+            taken = self.kernel.start(now)
+            if taken:
+                log.info("worker %d: took up %d flows the kernel forwards", index, taken)
         self.public_sock = bind_udp(config.listen_host, config.listen_port, reuse_port=True)
         self.stopped = asyncio.Event()
 
@@ -151,6 +169,7 @@ class Worker:
             self.internal_sock,
             router.client_datagram,
             router.count_send_failures,
+            after=self._kernel_ops_now if self.kernel is not None else None,
         )
         outbound = Pump(
             self.internal_sock,
@@ -178,6 +197,13 @@ class Worker:
             self.public_sock.close()
             self.internal_sock.close()
 
+    def _kernel_ops_now(self) -> None:
+        """After a batch from clients: a flow the batch rebound leaves the kernel's map at
+        once, so its media stops going where it went (puts wait for the next tick)."""
+        assert self.kernel is not None
+        if self.router.kernel_ops:
+            self.kernel.apply()
+
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(TICK)
@@ -186,8 +212,12 @@ class Worker:
     def _publish(self, now: float) -> None:
         try:
             self.router.wall_offset = time.time() - now  # follows the wall clock's steps
+            if self.kernel is not None:
+                self.kernel.poll(now)
             self.router.flush(now)
             self.router.expire(now)
+            if self.kernel is not None:
+                self.kernel.apply()
             values = self.router.counters()
             if self.tcp is not None:
                 self.tcp.sweep(now)
@@ -197,8 +227,9 @@ class Worker:
             log.exception("worker %d: periodic flush failed", self.index)
 
 
-def run_worker(config: RelayConfig, index: int) -> None:
-    """Entry point of a forked worker process: serve until SIGTERM."""
+def run_worker(config: RelayConfig, index: int, kernel_flows_fd: int | None = None) -> None:
+    """Entry point of a forked worker process: serve until SIGTERM. `kernel_flows_fd`: the
+    kernel fast path's flow map (inherited from the launcher), or None."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -206,7 +237,7 @@ def run_worker(config: RelayConfig, index: int) -> None:
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        worker = Worker(config, index)
+        worker = Worker(config, index, kernel_flows_fd)
         loop.run_until_complete(worker.run())
     finally:
         loop.close()

@@ -42,7 +42,7 @@ CLI_UNIT   := tests/cli/test_options.py tests/cli/test_turns.py tests/cli/test_a
 test-fast: $(VENV)/.test   ## unit tests only (no relay processes, no browser)
 	$(PY) -m pytest -q tests/wire tests/shm $(RELAY_UNIT) $(CLI_UNIT) tests/transceiver -m 'not browser'
 
-bench-setup:               ## the peers the side-by-side benchmarks run against (Debian coturn)
+bench-setup:               ## the peers the side-by-side benchmarks run against (Debian coturn, janus)
 	bash bench/peers_setup.sh
 
 bench: install bench-setup ## benchmarks: print tables, write bench/results/*.json (BENCH_ARGS=--quick)

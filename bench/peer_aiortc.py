@@ -11,9 +11,8 @@ Opus frame (libopus output, so aiortc can decode it) every 20 ms; each peer echo
 - `aiortc`: bench/aiortc_echo_server.py, its own process: one RTCPeerConnection a call that
   decodes what arrives and encodes it again to send it back (how aiortc echoes).
 Each server runs alone on the core under test; this load client on the other. aiortc is a
-full ICE agent and checks the client too: the project's controlling `Session` does not answer
-incoming checks, so the aiortc calls answer them with an `IceLite` responder beside the
-session (`FullIceCall`).
+full ICE agent and checks the client too: the project's controlling `Session` answers those
+checks (a full agent itself), so both peers get the same `ClientCall`.
 
 Per peer: (1) setup: calls placed one at a time, peers alternating: offer posted -> answer ->
 secure (DTLS up) -> first echoed audio, p50/p99; (2) a ramp: add calls (bounded concurrency),
@@ -60,10 +59,8 @@ from loadclient import (
 from peer_coturn import RunTimeMeter, wait_quiet
 
 from tests.support.procs import free_ports, wait_for
-from voicerelay.transceiver import sdp
 from voicerelay.transceiver.certificate import Certificate
 from voicerelay.transceiver.client import CallOptions, ClientCall
-from voicerelay.transceiver.ice import IceLite
 from voicerelay.voice.opus import OpusEncoder
 from voicerelay.wire.addr import Addr
 
@@ -94,54 +91,23 @@ def opus_frame(target_bytes: int = 60) -> bytes:
     return frame
 
 
-# Full ICE for the client --------------------------------------------------------------------
-class OfferTap:
-    """An aiohttp session as `ClientCall.connect` uses it, noting every offer it posts."""
-
-    def __init__(self, http: aiohttp.ClientSession) -> None:
-        self.http = http
-        self.offers: list[str] = []
-
-    def post(self, url: str, *, data: str, **kwargs: Any) -> Any:
-        self.offers.append(data)
-        return self.http.post(url, data=data, **kwargs)
-
-
-class FullIceCall(ClientCall):
-    """A `ClientCall` that also answers the peer's connectivity checks, as a full ICE agent
-    does: an `IceLite` responder with the call's own credentials takes every Binding request;
-    everything else goes to the session as before."""
-
-    responder: IceLite | None = None
-
-    async def connect(
-        self, http: aiohttp.ClientSession, url: str, options: CallOptions | None = None
-    ) -> None:
-        tap = OfferTap(http)
-        await super().connect(tap, url, options)  # type: ignore[arg-type]
-        offer = sdp.parse_offer(tap.offers[-1])  # our ufrag and password
-        assert self.session is not None
-        remote_ufrag = self.session.ice.username.decode().split(":", 1)[0]  # type: ignore[attr-defined]
-        self.responder = IceLite(offer.ice_ufrag, offer.ice_pwd, remote_ufrag, 1e9, self.clock())
-
-    def datagram_received(self, data: bytes, addr: Addr) -> None:
-        responder, transport = self.responder, self.transport
-        if responder is not None and transport is not None and data[:2] == b"\x00\x01":
-            responder.handle(data, addr[:2], self.clock())
-            for answer, to in responder.datagrams_to_send():
-                transport.sendto(answer, to)
-            return
-        super().datagram_received(data, addr)
-
-
+# The load client ----------------------------------------------------------------------------
 class PeerLoadClient(LoadClient):
     """bench/loadclient.py's load client, placing calls of `call_class` with a longer setup
-    timeout (aiortc is slow to answer under load)."""
+    timeout (aiortc is slow to answer under load), their sockets bound to `local_host`."""
 
-    def __init__(self, *args: Any, call_class: type[ClientCall], timeout: float, **kw: Any):
+    def __init__(
+        self,
+        *args: Any,
+        call_class: type[ClientCall],
+        timeout: float,
+        local_host: str = "127.0.0.1",
+        **kw: Any,
+    ):
         super().__init__(*args, **kw)
         self.call_class = call_class
         self.timeout = timeout
+        self.options.local_host = local_host
 
     def new_call(self) -> ClientCall:
         return self.call_class(self.certificate)
@@ -153,7 +119,8 @@ class PeerLoadClient(LoadClient):
 # The peers ------------------------------------------------------------------------------------
 @dataclass
 class Peer:
-    """A server under test: where to call it, whose CPU counts, how many calls it holds."""
+    """A server under test: where to call it, whose CPU counts, how many calls it holds, and
+    how its calls are placed (the call's signaling, the load client, the calls' address)."""
 
     name: str
     url: str
@@ -161,6 +128,8 @@ class Peer:
     call_class: type[ClientCall]
     direct: Addr | None
     sessions: Callable[[], int]
+    client_class: Callable[..., PeerLoadClient] = PeerLoadClient
+    local_host: str = "127.0.0.1"
 
 
 def get_json(url: str) -> dict[str, Any]:
@@ -189,7 +158,7 @@ def aiortc_server(core: int) -> Iterator[Peer]:
             "aiortc",
             url,
             proc.pid,
-            FullIceCall,
+            ClientCall,
             None,
             lambda: get_json(url + "/v1/stats")["sessions"],
         )
@@ -247,7 +216,7 @@ async def timed_call(
     """One call: (answered, secure, first echo) ms after the offer; audio from DTLS up."""
     call = peer.call_class(certificate)
     try:
-        options = CallOptions(direct=peer.direct, keep_packets=False)
+        options = CallOptions(direct=peer.direct, keep_packets=False, local_host=peer.local_host)
         await asyncio.wait_for(call.connect(http, peer.url, options), FIRST_ECHO_TIMEOUT)
         await asyncio.wait_for(call.secure, FIRST_ECHO_TIMEOUT)
         deadline, timestamp = time.monotonic() + FIRST_ECHO_TIMEOUT, 0
@@ -328,7 +297,7 @@ async def run_step(
 ) -> Step:
     """Grow to `target` calls, then measure one window of 50 packets/s each way a call."""
     setup_cpu = RunTimeMeter([peer.pid]).start()  # ns resolution: a few calls' setups
-    setup = await client.open_calls(target - len(client.calls), CONCURRENCY[peer.name])
+    setup = await client.open_calls(target - len(client.calls), CONCURRENCY.get(peer.name, 50))
     setup_cpu.stop()
     before = await client.server_counts()  # quiescent: no audio between steps
     waited = await asyncio.to_thread(wait_quiet, cores, [peer.pid, os.getpid()], args.quiet_wait)
@@ -404,8 +373,13 @@ async def ramp(
 ) -> tuple[list[Step], list[Step], str]:
     """The peer's steps until loss or saturation: returns the steps, the steps measured again
     because other processes used one of our cores, and why the ramp stopped."""
-    client = PeerLoadClient(
-        http, peer.url, direct=peer.direct, call_class=peer.call_class, timeout=20.0
+    client = peer.client_class(
+        http,
+        peer.url,
+        direct=peer.direct,
+        call_class=peer.call_class,
+        timeout=20.0,
+        local_host=peer.local_host,
     )
     client.payload = frame
     steps: list[Step] = []

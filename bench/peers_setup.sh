@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs the Debian peers the side-by-side benchmarks run against (bench/peer_*.py):
-# coturn (its `turnserver`). With package names as arguments, only those.
+# coturn (its `turnserver`) and janus (the Janus WebRTC server: its `janus` binary, the HTTP
+# transport and the EchoTest plugin come in the one package). With package names as
+# arguments, only those.
 # Idempotent: installs only what is missing. Never starts or enables a system service: each
 # benchmark runs its peer itself, in the foreground, with a config of its own. A peer that
 # cannot be installed (no package mirror, no root) is reported in one line and the script
 # still succeeds: its benchmark then skips that peer, saying so.
 set -euo pipefail
 want=("$@")
-[ ${#want[@]} -eq 0 ] && want=(coturn)
+[ ${#want[@]} -eq 0 ] && want=(coturn janus)
 need=()
 for pkg in "${want[@]}"; do
   case "$pkg" in

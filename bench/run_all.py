@@ -29,6 +29,7 @@ BENCHMARKS = (
     "transceiver_capacity",
     "session_setup",
     "peer_aiortc",
+    "peer_janus",
     "recovery",
     "voice_latency",
     "agent_capacity",
@@ -88,6 +89,20 @@ HEADLINES: tuple[Headline, ...] = (
         lambda d: _pair(d.get("max_pps_each_way"), "relay", "coturn"),
         "pps",
         "",
+    ),
+    (
+        "peer_janus",
+        "transceiver / Janus EchoTest calls a core (by CPU)",
+        lambda d: _get(d, "summary", "transceiver_vs", "janus", "calls_a_core_by_cpu"),
+        "x",
+        ">= 3x",
+    ),
+    (
+        "peer_janus",
+        "transceiver / aiortc echo calls a core (by CPU)",
+        lambda d: _get(d, "summary", "transceiver_vs", "aiortc", "calls_a_core_by_cpu"),
+        "x",
+        ">= 10x",
     ),
     (
         "relay_latency",

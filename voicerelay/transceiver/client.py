@@ -8,6 +8,10 @@ protocol-level tests use it.
 `CallOptions(direct=<transceiver internal address>)` skips the relay: the call wraps its
 datagrams in the relay envelope itself and talks to the transceiver's internal port, the
 zero-hop baseline the benchmarks compare the relay against.
+
+The call is a full ICE agent (its `Session` answers the peer's connectivity checks), so it
+also talks to full-ICE servers (aiortc, Janus); `exchange` is its signaling (WHIP-style POST),
+which a subclass replaces to speak another server's.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class CallOptions:
     config: SessionConfig | None = None
     direct: Addr | None = None  # transceiver internal address: send envelopes there, no relay
     keep_packets: bool = True  # False: only count echoed RTP (load clients), keep no payloads
+    local_host: str = "127.0.0.1"  # the address the call's socket binds
 
 
 class ClientCall(asyncio.DatagramProtocol):
@@ -86,8 +91,9 @@ class ClientCall(asyncio.DatagramProtocol):
     async def connect(
         self, http: aiohttp.ClientSession, url: str, options: CallOptions | None = None
     ) -> None:
-        """POST the offer, apply the answer, open the socket and start ICE towards the relay
-        (or, with `options.direct`, straight to the transceiver's internal port)."""
+        """Send the offer (`exchange`), apply the answer, open the socket and start ICE towards
+        the answer's first candidate: the relay (or, with `options.direct`, straight to the
+        transceiver's internal port)."""
         options = options or CallOptions()
         self.keep_packets = options.keep_packets
         loop = asyncio.get_running_loop()
@@ -101,18 +107,10 @@ class ClientCall(asyncio.DatagramProtocol):
             cname="voicerelay-client",
         )
         self.posted_at = self.clock()
-        async with http.post(
-            url.rstrip("/") + "/v1/sessions",
-            data=offer,
-            headers={"Content-Type": "application/sdp"},
-        ) as resp:
-            body = await resp.text()
-            if resp.status != 201:
-                raise RuntimeError(f"signaling answered {resp.status}: {body.strip()}")
-            self.location = str(resp.url.join(aiohttp.client.URL(resp.headers["Location"])))
+        body = await self.exchange(http, url, offer)
         self.answered_at = self.clock()
         answer = sdp.parse_answer(body)
-        await loop.create_datagram_endpoint(lambda: self, local_addr=("127.0.0.1", 0))
+        await loop.create_datagram_endpoint(lambda: self, local_addr=(options.local_host, 0))
         self._remote = answer.candidate
         if options.direct is not None:
             self._direct = options.direct
@@ -132,6 +130,20 @@ class ClientCall(asyncio.DatagramProtocol):
             ssrc=self.ssrc,
         )
         self._after_input()
+
+    async def exchange(self, http: aiohttp.ClientSession, url: str, offer: str) -> str:
+        """Signaling: POST the offer to `<url>/v1/sessions`, return the answer's SDP and keep
+        its `Location` (what `hang_up` deletes). Raises RuntimeError unless answered 201."""
+        async with http.post(
+            url.rstrip("/") + "/v1/sessions",
+            data=offer,
+            headers={"Content-Type": "application/sdp"},
+        ) as resp:
+            body = await resp.text()
+            if resp.status != 201:
+                raise RuntimeError(f"signaling answered {resp.status}: {body.strip()}")
+            self.location = str(resp.url.join(aiohttp.client.URL(resp.headers["Location"])))
+        return body
 
     async def rebind(self, sock: socket.socket | None = None) -> None:
         """Go on from a new local port (or the bound UDP `sock`), as after a NAT rebinding: the

@@ -7,10 +7,11 @@
                                               # DtlsConnected, RtpReceived, SessionClosed
 
 Role "lite" is the server (answers checks, hands audio to the app); role "controlling" is a
-client (sends checks and media with `send_rtp`). No sockets or threads here, and every time is
-the injected `now`, with one exception owned by `dtls.py`: OpenSSL times DTLS retransmission on
-its own clock (nothing pyOpenSSL exposes can move it); the session only sees its deadline
-mapped onto `now`, so on a fake clock a lost DTLS flight is resent after that much real time.
+client, a full ICE agent (sends checks, answers the peer's, sends media with `send_rtp`). No
+sockets or threads here, and every time is the injected `now`, with one exception owned by
+`dtls.py`: OpenSSL times DTLS retransmission on its own clock (nothing pyOpenSSL exposes can
+move it); the session only sees its deadline mapped onto `now`, so on a fake clock a lost DTLS
+flight is resent after that much real time.
 
 `state` moves only through `TRANSITIONS`: new -> checking (a client's first check) ->
 connected (ICE selected an address) -> secure (DTLS up, SRTP keyed) -> closed (from anywhere).
@@ -246,8 +247,8 @@ class Session:
         ice = self.ice
         was_connected = ice.selected is not None
         fresh = ice.handle(data, addr, now)
-        # Answers to checks (a lite agent's only output) are not in packets_out/bytes_out:
-        # they never were, and the counters stay as they are.
+        # Answers to the peer's checks (the only output of `handle`) are not in
+        # packets_out/bytes_out: they never were, and the counters stay as they are.
         self._out += ice.datagrams_to_send()
         if fresh:
             self.stun_in += 1
@@ -508,7 +509,8 @@ def _ice_agent(
     cfg: SessionConfig,
     now: float,
 ) -> IceAgent:
-    """The ICE agent of an ICE role: "lite" answers checks, "controlling" sends them."""
+    """The ICE agent of an ICE role: "lite" answers checks, "controlling" sends them and
+    answers the peer's."""
     if role == "lite":
         return IceLite(local_ufrag, local_pwd, remote_ufrag, cfg.consent_timeout, now)
     if role != "controlling":
@@ -520,6 +522,7 @@ def _ice_agent(
         remote_ufrag,
         remote_pwd,
         remote_addr,
+        local_pwd=local_pwd,
         check_interval=cfg.check_interval,
         consent_interval=cfg.consent_interval,
         consent_timeout=cfg.consent_timeout,

@@ -43,6 +43,17 @@ def relay_families(stats: Mapping[str, Any], now: float) -> list[Metric]:
     restarts = CounterMetricFamily(
         "voicerelay_relay_worker_restarts", "Times a worker was forked again", labels=["worker"]
     )
+    kernel_packets = CounterMetricFamily(
+        "voicerelay_relay_kernel_packets",
+        "Datagrams the kernel fast path forwarded for a worker's flows (included in "
+        "voicerelay_relay_packets)",
+        labels=["worker", "direction"],
+    )
+    kernel_flows = GaugeMetricFamily(
+        "voicerelay_relay_kernel_flows",
+        "Flows of a worker the kernel fast path forwards",
+        labels=["worker"],
+    )
     hops: dict[str, int] = {}
     for worker in stats.get("workers", ()):
         index = str(worker["index"])
@@ -58,6 +69,11 @@ def relay_families(stats: Mapping[str, Any], now: float) -> list[Metric]:
                 hops[direction] = hops.get(direction, 0) + value
         flows.add_metric([index], counters.get("flows", 0))
         restarts.add_metric([index], worker.get("restarts", 0))
+        for direction in _DIRECTIONS:
+            kernel_packets.add_metric(
+                [index, direction], counters.get(f"kernel_packets_{direction}", 0)
+            )
+        kernel_flows.add_metric([index], counters.get("kernel_flows", 0))
     hop_family = CounterMetricFamily(
         "voicerelay_relay_hops",
         "Global-hop datagrams: out to another cluster, in from one, back to its client",
@@ -75,7 +91,18 @@ def relay_families(stats: Mapping[str, Any], now: float) -> list[Metric]:
         "voicerelay_relay_snapshot_failures", "Flow-table snapshots that failed"
     )
     failures.add_metric([], snapshot.get("failures", 0))
-    return [packets, octets, drops, flows, restarts, hop_family, age, failures]
+    return [
+        packets,
+        octets,
+        drops,
+        flows,
+        restarts,
+        kernel_packets,
+        kernel_flows,
+        hop_family,
+        age,
+        failures,
+    ]
 
 
 def snapshot_age(snapshot: Mapping[str, Any], uptime: float, now: float) -> float:

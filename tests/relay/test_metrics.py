@@ -72,6 +72,10 @@ def test_every_counter_of_every_worker_is_exposed_under_its_name(rows, last_ok, 
                 assert got[key] == float(counters[field])
         assert got["voicerelay_relay_flows", (w,)] == float(counters["flows"])
         assert got["voicerelay_relay_worker_restarts_total", (w,)] == restarts
+        for direction in ("in", "out"):
+            key = ("voicerelay_relay_kernel_packets_total", (("direction", direction), w))
+            assert got[key] == float(counters[f"kernel_packets_{direction}"])
+        assert got["voicerelay_relay_kernel_flows", (w,)] == float(counters["kernel_flows"])
     for field in COUNTER_FIELDS:
         if field.startswith("hops_"):
             key = ("voicerelay_relay_hops_total", (("direction", field[5:]),))

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from tests.support.fastpath import MODES, assert_mode, relay_args, require_mode
 from tests.support.media import Probe
 from tests.support.procs import RedisServer, RelayProcess, wait_for
 from tests.support.standin import StandIn, binding_request
@@ -71,9 +72,13 @@ def backend_args(request: pytest.FixtureRequest, backend: str) -> list[str]:
     return []
 
 
+@pytest.mark.parametrize("how", MODES)
 @pytest.mark.parametrize("backend", ["file", "redis"])
-def test_full_restart_keeps_the_session_flowing(tmp_path, request, backend):
-    relay = RelayProcess(tmp_path, workers=2, extra=backend_args(request, backend)).start()
+def test_full_restart_keeps_the_session_flowing(tmp_path, request, backend, how):
+    require_mode(how)
+    extra = [*backend_args(request, backend), *relay_args(how)]
+    relay = RelayProcess(tmp_path, workers=2, extra=extra).start()
+    assert_mode(relay, how)
     transceiver = probe = None
     try:
         transceiver, probe = stream_through(relay)
@@ -91,9 +96,13 @@ def test_full_restart_keeps_the_session_flowing(tmp_path, request, backend):
         close(transceiver, probe, relay)
 
 
+@pytest.mark.parametrize("how", MODES)
 @pytest.mark.parametrize("backend", ["file", "redis"])
-def test_kill_minus_nine_of_everything_then_start_recovers(tmp_path, request, backend):
-    relay = RelayProcess(tmp_path, workers=2, extra=backend_args(request, backend)).start()
+def test_kill_minus_nine_of_everything_then_start_recovers(tmp_path, request, backend, how):
+    require_mode(how)
+    extra = [*backend_args(request, backend), *relay_args(how)]
+    relay = RelayProcess(tmp_path, workers=2, extra=extra).start()
+    assert_mode(relay, how)
     transceiver = probe = None
     try:
         transceiver, probe = stream_through(relay)

@@ -205,6 +205,13 @@ def _stop_child(child: subprocess.Popen | None) -> None:
     help="Also serve ICE over TCP on this port of the relay's address, for clients whose "
     "network blocks UDP (443 in production); answers list it after the UDP candidates. 0: off.",
 )
+@click.option(
+    "--kernel-fast-path",
+    is_flag=True,
+    envvar="VOICERELAY_KERNEL_FAST_PATH",
+    help="The relay forwards established IPv4 calls in the kernel (a tc eBPF program; needs "
+    "root, clang and libbpf-dev, else one line says why and it forwards in userspace).",
+)
 @workers_option("Relay workers")
 @state_dir_option("Secret and snapshot")
 @consent_timeout_option(from_env=False)
@@ -244,6 +251,7 @@ def up(
     transceiver_port: int,
     http_port: int,
     tcp_port: int,
+    kernel_fast_path: bool,
     workers: int | None,
     state_dir: Path | None,
     consent_timeout: float,
@@ -295,6 +303,7 @@ def up(
         internal_port_base=internal_port_base,
         state_dir=state,
         tcp_port=tcp_port,
+        kernel_fast_path=kernel_fast_path,
         **({"workers": workers} if workers is not None else {}),
         **_metrics_options(metrics),
     )
@@ -374,6 +383,10 @@ def up(
                 f"  relay TCP {format_addr((plan.relay_bind, tcp_port))}: ICE over TCP, "
                 "listed in answers after the UDP candidates"
             )
+        if kernel_fast_path:
+            from voicerelay.cli.relay_cmds import fast_path_note
+
+            click.echo(fast_path_note(relay_config).lstrip("\n"))
         click.echo(f"  {advertise_line(plan, public_port)}")
         click.echo(f"  {node.api_key.describe()}")
         if tls_line:

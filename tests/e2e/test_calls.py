@@ -1,5 +1,6 @@
 """Calls through a real relay process to a real transceiver process, with real WebRTC clients:
-aiortc for the audio, and the project's own client-role Session for protocol misbehaviour."""
+aiortc for the audio, and the project's own client-role Session for protocol misbehaviour. Every
+test runs twice: the relay forwarding in userspace, and with the kernel fast path."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import socket
 import aiohttp
 import pytest
 
+from tests.support.fastpath import MODES, assert_mode, relay_args, require_mode
 from tests.support.procs import RelayProcess, TransceiverProcess, wait_for
 from tests.transceiver.test_sdp_rtp import CHROME_OFFER
 from voicerelay.cli.call_client import place_call
@@ -33,12 +35,15 @@ def brisk_consent(monkeypatch):
     monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", 0.5)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+@pytest.fixture(scope="module", params=MODES)
+def stack(tmp_path_factory, request):
+    require_mode(request.param)
+    extra = relay_args(request.param)
     with (
-        RelayProcess(tmp_path_factory.mktemp("stack"), workers=2) as relay,
+        RelayProcess(tmp_path_factory.mktemp("stack"), workers=2, extra=extra) as relay,
         TransceiverProcess(relay, consent_timeout=CONSENT_TIMEOUT) as transceiver,
     ):
+        assert_mode(relay, request.param)
         yield relay, transceiver
 
 
@@ -61,15 +66,27 @@ def test_a_tone_comes_back_through_the_relay(stack):
     assert report.audio_seconds > 1.5  # it kept coming for the whole call
     assert report.setup_ms is not None and report.setup_ms < 5000
     assert report.stats["delete_status"] == 204
-    # It really went through the relay, both ways (counters published every 100 ms).
+    # It really went through the relay, both ways (counters published every 100 ms), and with
+    # the fast path on, the kernel carried the media once the call was established.
     wait_for(lambda: _relay_moved(relay, before, 50), 2, what="relay counters")
+    if relay.status()["fast_path"].startswith("on"):
+        wait_for(
+            lambda: (
+                (t := relay.stats()["totals"])["kernel_packets_in"] >= 40
+                and t["kernel_packets_out"] >= 40
+            ),
+            3,
+            what="the kernel to have forwarded the call's media",
+        )
 
 
 def test_rtcp_reports_flow_both_ways(stack):
     """The transceiver sends RTCP reports on what it receives (aiortc reads them as
     remote-inbound-rtp) and reads aiortc's reports on what it echoes (its RTT)."""
     _, transceiver = stack
-    report = asyncio.run(place_call(transceiver.url, 520.0, seconds=2.5))
+    # Our first report goes 1 s after DTLS; aiortc reports every 0.5-1.5 s, so its first report
+    # on ours (what the RTT comes from) may come 2.6 s into the call: 3.5 s leaves room.
+    report = asyncio.run(place_call(transceiver.url, 520.0, seconds=3.5))
     assert report.tone_came_back, report
     ours = report.stats["client"]["remote_inbound"]  # only from the transceiver's report blocks
     assert ours["packets_lost"] <= 2, ours

@@ -3,8 +3,11 @@ it forwards, with which bytes and checksums, what it leaves to userspace, and it
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -253,3 +256,39 @@ def test_inside_its_namespace_a_socket_stays_there(two_hosts):
     with inside(host.name):
         names = socket.if_nameindex()
     assert any(name == host.client_if for _, name in names)
+
+
+def test_without_privileges_the_reason_is_one_line_naming_root():
+    """The same start as an unprivileged user (setpriv: uid nobody, no capabilities)."""
+    cache = Path(tempfile.mkdtemp(prefix="vr-fastpath-"))  # reachable by nobody
+    cache.chmod(0o777)
+    code = (
+        "from pathlib import Path\n"
+        "from voicerelay.relay.fastpath import FastPathUnavailable\n"
+        "from voicerelay.relay.fastpath.kernel import FastPathSettings, KernelFastPath\n"
+        "try:\n"
+        f"    KernelFastPath.start(FastPathSettings(('{LO}', 3478), '{LO}', range(1, 2)), "
+        f"Path('{cache}'))\n"
+        "except FastPathUnavailable as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--inh-caps=-all",
+            sys.executable,
+            "-c",
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parents[2],
+    )
+    shutil.rmtree(cache)
+    assert done.stdout.strip() == (
+        "loading an eBPF program needs root (CAP_BPF and CAP_NET_ADMIN)"
+    ), done.stdout + done.stderr

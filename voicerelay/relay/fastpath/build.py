@@ -34,10 +34,14 @@ def object_file(cache_dir: Path) -> Path:
     include = arch_include()
     version = subprocess.run([clang, "--version"], capture_output=True, text=True).stdout
     digest = hashlib.sha256(SOURCE.read_bytes() + version.encode() + str(include).encode())
-    cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     target = cache_dir / f"fastpath-{digest.hexdigest()[:16]}.o"
-    if target.exists():
-        return target
+    try:
+        cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if target.exists():
+            return target
+    except OSError as exc:
+        why = f"cannot use {cache_dir} ({exc.strerror}): check --state-dir"
+        raise FastPathUnavailable(why) from None
     partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     command = [clang, "-O2", "-g", "-target", "bpf", "-c", str(SOURCE), "-o", str(partial)]
     if include:

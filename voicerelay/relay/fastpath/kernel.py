@@ -206,10 +206,10 @@ class FlowMap:
     def delete(self, key: bytes) -> bool:
         return libbpf.map_delete(self.fd, key)
 
-    def items(self) -> list[tuple[bytes, layout.FlowReading]]:
-        return [
-            (key, layout.read_value(value))
-            for key, value in libbpf.map_items(
-                self.fd, layout.FLOW_KEY.size, layout.FLOW_VALUE.size
-            )
-        ]
+    def items(self, internal_port: int | None = None) -> list[tuple[bytes, layout.FlowReading]]:
+        """Every entry (only those sent from `internal_port`, when given: one worker's)."""
+        raw = libbpf.map_items(self.fd, layout.FLOW_KEY.size, layout.FLOW_VALUE.size)
+        if internal_port is not None:
+            port = internal_port.to_bytes(2, "big")
+            raw = [(k, v) for k, v in raw if v[6:8] == port]
+        return [(key, layout.read_value(value)) for key, value in raw]

@@ -47,8 +47,6 @@ class KernelSync:
         longer holds. The number taken up."""
         taken = 0
         for key, reading in self._items():
-            if reading.internal_port != self.internal_port:
-                continue
             client = layout.client_of_key(key)
             if self.router.adopt_offloaded(key, client, _counts(reading), now):
                 taken += 1
@@ -74,8 +72,6 @@ class KernelSync:
         self.polled_at = now
         router = self.router
         for key, reading in self._items():
-            if reading.internal_port != self.internal_port:
-                continue
             last_out = reading.last_out_ns / 1e9
             if not router.kernel_activity(key, _counts(reading), last_out, now):
                 self._delete(key)
@@ -90,8 +86,9 @@ class KernelSync:
             self._failed(exc)
 
     def _items(self) -> list[tuple[bytes, layout.FlowReading]]:
+        """This worker's entries."""
         try:
-            return self.flows.items()
+            return self.flows.items(self.internal_port)
         except BpfError as exc:
             self._failed(exc)
             return []

@@ -10,7 +10,8 @@ formats an address string.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import TypeVar
 
 import cffi
 
@@ -34,6 +35,7 @@ NAME_SIZE = 28  # sizeof(struct sockaddr_in6), the larger of the two families
 
 Route = Callable[[bytes, bytes, float], "tuple[bytes, bytes] | None"]
 """A routing decision: (datagram, peer, now) -> (peer to send to, datagram) or None."""
+Key = TypeVar("Key", bound=Hashable)  # what `put_all` looks peers up by
 
 
 class DatagramBatch:
@@ -91,6 +93,45 @@ class DatagramBatch:
         start, name = i * self.slot, i * NAME_SIZE
         length = self._msg_lens[i * self._len_stride + self._len_at]
         return self.data[start : start + length], self.names[name : name + self.namelen]
+
+    def received(self, n: int) -> list[tuple[bytes, bytes]]:
+        """Received slots 0..n-1 as (datagram, peer sockaddr) pairs (`datagram`, in one loop)."""
+        data, names, slot, namelen = self.data, self.names, self.slot, self.namelen
+        lens, len_at, len_stride = self._msg_lens, self._len_at, self._len_stride
+        return [
+            (
+                data[i * slot : i * slot + lens[i * len_stride + len_at]],
+                names[i * NAME_SIZE : i * NAME_SIZE + namelen],
+            )
+            for i in range(n)
+        ]
+
+    def put_all(
+        self, items: Sequence[tuple[bytes, Key]], peers: Mapping[Key, bytes]
+    ) -> tuple[int, int]:
+        """Fill slots from 0 with `items` of (datagram, key), each to the sockaddr `peers[key]`
+        (`put`, in one loop; KeyError for a key `peers` lacks). A datagram longer than a slot
+        is left out. Returns (slots filled, datagrams left out); at most `size` items."""
+        data, names, slot = self.data, self.names, self.slot
+        lens, stride, at = self._iov_lens, self._iov_stride, self._iov_len_at
+        in_slot = self._peer_in_slot
+        self._peers_cached = True
+        m = skipped = 0
+        for datagram, key in items[: self.size]:
+            size = len(datagram)
+            if size > slot:
+                skipped += 1
+                continue
+            peer = peers[key]
+            start = m * slot
+            data[start : start + size] = datagram
+            if in_slot[m] is not peer:
+                name = m * NAME_SIZE
+                names[name : name + len(peer)] = peer
+                in_slot[m] = peer
+            lens[m * stride + at] = size
+            m += 1
+        return m, skipped
 
     def put(self, i: int, datagram: bytes, peer: bytes) -> None:
         """Fill slot `i` for sending (`datagram` must fit the slot; `peer` is a sockaddr)."""

@@ -17,6 +17,13 @@ session's `AddressChanged` events.
 After any input to a call (a datagram, its timer, its agent) the server transmits what the
 session queued, acts on its events and re-arms its timer; echo media only transmits (unless
 it moved the call to a new client address, which raises an event).
+
+The socket is moved in batches (`BatchedEndpoint`, recvmmsg/sendmmsg through
+`voicerelay.relay.mmsg`): every datagram of a batch goes through `datagram_received`, and what
+the batch made the sessions send leaves with one sendmmsg at its end. The one timer flushes
+what its calls sent the same way (paced agent audio, DTLS retransmissions, RTCP, the goodbye
+of a call that timed out); anything else (signaling, an agent's wake-up, closing) is sent at
+once. A full send buffer drops and counts (`send_failed`), as UDP would.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import heapq
 import ipaddress
 import logging
 import os
+import socket
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -38,6 +47,7 @@ from prometheus_client import CollectorRegistry
 from voicerelay.config import IpNetwork
 from voicerelay.metrics import CallHistograms, FunctionCollector, transceiver_families
 from voicerelay.net import bind_udp
+from voicerelay.relay.mmsg import DatagramBatch
 from voicerelay.transceiver import sdp
 from voicerelay.transceiver.apps import EchoApp, VoiceApp
 from voicerelay.transceiver.certificate import Certificate
@@ -57,7 +67,7 @@ from voicerelay.voice.app import AgentCall, VoiceAgent, run_agent
 from voicerelay.voice.bridge import BridgeConfig, RealtimeBridge
 from voicerelay.voice.pipeline import AudioConfig, CallAudio
 from voicerelay.wire import envelope, stun
-from voicerelay.wire.addr import Addr
+from voicerelay.wire.addr import SOCKADDR_IN6_SIZE, SOCKADDR_IN_SIZE, Addr
 from voicerelay.wire.demux import IS_RTP, IS_STUN
 from voicerelay.wire.token import TokenKeys
 
@@ -72,6 +82,10 @@ MAX_CLIENT_ADDRESSES = 8  # client addresses routed to one call (its media addre
 # time asked for: what is due within that is due now, or the loop would spin until it is.
 TIMER_SLACK = 0.001
 AGENT_GRACE = 5.0  # seconds an agent may take to wind down after its call ended
+BATCH = 64  # datagrams per recvmmsg and per sendmmsg
+SLOT = 2048  # bytes a datagram slot: above the largest envelope a relay forwards (1522)
+MAX_BATCHES = 16  # receive batches a wake-up before the loop runs timers and signaling
+ADDRESS_CACHE_LIMIT = 1024  # relay addresses converted from/to raw sockaddrs (cleared when full)
 
 
 class SessionLimit(Exception):
@@ -137,7 +151,7 @@ class RelayFilter:
         return any(ip in network for network in networks)
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """A session and where its packets go."""
 
@@ -168,6 +182,177 @@ def random_ice_password() -> str:
     return base64.b64encode(os.urandom(18)).decode()  # 24 ice-chars
 
 
+# The socket -----------------------------------------------------------------------------------
+_FAMILY = struct.Struct("=H")  # sa_family_t, host byte order
+_IN = struct.Struct("!H4s")  # sockaddr_in after the family: port, address
+_IN6 = struct.Struct("!HI16s")  # sockaddr_in6 after the family: port, flow info, address
+_SCOPE = struct.Struct("=I")  # sockaddr_in6's scope id, host byte order, at offset 24
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def peer_address(raw: bytes) -> tuple:
+    """The address of `struct sockaddr_in`/`sockaddr_in6` bytes as the event loop reports a
+    peer: (host, port), or (host, port, flowinfo, scope_id) for IPv6."""
+    (family,) = _FAMILY.unpack_from(raw)
+    if family == socket.AF_INET:
+        port, ip = _IN.unpack_from(raw, 2)
+        return (socket.inet_ntop(socket.AF_INET, ip), port)
+    port, flowinfo, ip = _IN6.unpack_from(raw, 2)
+    return (socket.inet_ntop(socket.AF_INET6, ip), port, flowinfo, _SCOPE.unpack_from(raw, 24)[0])
+
+
+def peer_sockaddr(addr: tuple, family: int) -> bytes:
+    """`struct sockaddr` bytes for an address as `peer_address` gives it, on a socket of
+    `family` (an IPv4 host on an IPv6 socket is mapped). Raises OSError or struct.error for
+    what is no address of that family."""
+    host, port = addr[0], addr[1]
+    if family == socket.AF_INET:
+        ip = socket.inet_pton(socket.AF_INET, host)
+        return _FAMILY.pack(socket.AF_INET) + _IN.pack(port, ip) + bytes(8)
+    flowinfo, scope_id = (addr[2], addr[3]) if len(addr) == 4 else (0, 0)
+    try:
+        ip = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+    except OSError:
+        ip = _V4_MAPPED + socket.inet_pton(socket.AF_INET, host)
+    return _FAMILY.pack(socket.AF_INET6) + _IN6.pack(port, flowinfo, ip) + _SCOPE.pack(scope_id)
+
+
+class BatchedEndpoint:
+    """The server's UDP socket on the event loop, moved in batches (recvmmsg, sendmmsg).
+
+    When the socket is readable: receive up to `BATCH` datagrams, hand each to
+    `receive(data, relay, now)` (`relay` as a socket reports a peer; one clock read a batch),
+    then send what the batch queued in `queue` with sendmmsg (`BATCH` a call); again while
+    batches come back full, at most `MAX_BATCHES` a wake-up, so a burst cannot starve the
+    loop's timers. Senders append (datagram, relay) to `queue` (a list that stays the same
+    object) and call `flush` unless `holding` (inside a batch, or between `hold` and `flush`).
+
+    Counted in `counters`, never raised: `send_failed` (a full send buffer, an address the
+    kernel refuses, a datagram longer than a slot: none of the server's is), `drop_oversize`
+    (a datagram longer than a slot arrived: no relay forwards one), `socket_errors` (recvmmsg
+    failed), `internal_errors` (`receive` raised: logged, the batch goes on); `batches_in`,
+    `batches_out` (recvmmsg and sendmmsg calls that moved datagrams). The socket keeps the
+    buffers it was made with.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        receive: Callable[[bytes, tuple, float], None],
+        counters: Counter[str],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.family = sock.family
+        namelen = SOCKADDR_IN6_SIZE if sock.family == socket.AF_INET6 else SOCKADDR_IN_SIZE
+        self.rx = DatagramBatch(BATCH, SLOT, namelen)
+        self.tx = DatagramBatch(BATCH, SLOT, namelen)
+        self.receive = receive
+        self.counters = counters
+        self.clock = clock
+        self.queue: list[tuple[bytes, tuple]] = []  # (datagram, relay) to send at `flush`
+        self.holding = False
+        self._relays: dict[bytes, tuple] = {}  # raw sockaddr -> address as reported
+        self._names: dict[tuple, bytes] = {}  # and back (every address `receive` was given)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve the socket on `loop`."""
+        loop.add_reader(self.fd, self.on_readable)
+        self._loop = loop
+
+    def close(self) -> None:
+        """Send what is queued, stop reading, close the socket."""
+        self.flush()
+        if self._loop is not None:
+            self._loop.remove_reader(self.fd)
+            self._loop = None
+        self.sock.close()
+
+    # Receiving --------------------------------------------------------------------------------
+    def on_readable(self) -> None:
+        rx, counters = self.rx, self.counters
+        for _ in range(MAX_BATCHES):
+            try:
+                n = rx.recv(self.fd)
+            except OSError:  # e.g. a queued ICMP error: nothing to read this time
+                counters["socket_errors"] += 1
+                return
+            if not n:
+                return
+            counters["batches_in"] += 1
+            self.holding = True
+            try:
+                self._receive_batch(n)
+            finally:
+                self.flush()
+            if n < BATCH:
+                return
+
+    def _receive_batch(self, n: int) -> None:
+        receive, relays, now = self.receive, self._relays, self.clock()
+        for data, name in self.rx.received(n):
+            if len(data) >= SLOT:  # truncated to the slot
+                self.counters["drop_oversize"] += 1
+                continue
+            try:
+                receive(data, relays.get(name) or self._relay_of(name), now)
+            except Exception:  # a bug must not cost the rest of the batch
+                self.counters["internal_errors"] += 1
+                log.exception("a datagram from %s failed", name.hex())
+
+    def _relay_of(self, name: bytes) -> tuple:
+        relay = peer_address(name)
+        if len(self._relays) >= ADDRESS_CACHE_LIMIT:
+            self._relays.clear()
+            self._names.clear()
+        self._relays[name] = relay
+        self._names[relay] = name
+        return relay
+
+    # Sending ----------------------------------------------------------------------------------
+    def hold(self) -> None:
+        """Leave what is queued in `queue` until `flush`."""
+        self.holding = True
+
+    def flush(self) -> None:
+        """Send everything queued, `BATCH` datagrams a sendmmsg; stop holding."""
+        self.holding = False
+        queue = self.queue
+        while queue:
+            chunk = queue[:BATCH]
+            del queue[:BATCH]
+            self._send(chunk)
+
+    def _send(self, chunk: list[tuple[bytes, tuple]]) -> None:
+        try:
+            count, left_out = self.tx.put_all(chunk, self._names)
+        except KeyError:  # an address whose sockaddr was forgotten (the cache was full)
+            chunk = [item for item in chunk if self._known(item[1])]
+            count, left_out = self.tx.put_all(chunk, self._names)
+        failed = left_out
+        if count:
+            self.counters["batches_out"] += 1
+            failed += self.tx.send(self.fd, count)[1]
+        if failed:
+            self.counters["send_failed"] += failed
+
+    def _known(self, relay: tuple) -> bool:
+        """Make sure `_names` has `relay`'s sockaddr; False (counted) for no address."""
+        if relay in self._names:
+            return True
+        try:
+            name = peer_sockaddr(relay, self.family)
+        except (OSError, struct.error, TypeError, IndexError):
+            self.counters["send_failed"] += 1
+            return False
+        if len(self._names) >= ADDRESS_CACHE_LIMIT:
+            self._names.clear()
+        self._names[relay] = name
+        return True
+
+
 class TransceiverServer(asyncio.DatagramProtocol):
     """Every session of this process, multiplexed on one UDP endpoint."""
 
@@ -189,7 +374,10 @@ class TransceiverServer(asyncio.DatagramProtocol):
         self.calls: dict[str, Call] = {}
         self.by_ufrag: dict[bytes, Call] = {}
         self.by_client: dict[Addr, Call] = {}
-        self.transport: asyncio.DatagramTransport | None = None
+        self.endpoint: BatchedEndpoint | None = None  # the internal port, once started
+        self.transport: asyncio.DatagramTransport | None = None  # instead, if one is made
+        # Where `_transmit` puts (datagram, relay): the endpoint's queue, or the transport.
+        self._send: Callable[[tuple[bytes, tuple]], None] = self._send_through_transport
         self.internal_addr: Addr = config.internal
         self.session_config = SessionConfig(
             consent_timeout=config.consent_timeout, connect_timeout=config.connect_timeout
@@ -218,16 +406,24 @@ class TransceiverServer(asyncio.DatagramProtocol):
 
     # Lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Bind the internal port and serve it in batches on the running loop."""
         # Every session shares this socket: the kernel's default buffer (~200 KB, about 250
         # datagrams) holds only ~10 ms of traffic at load, so any pause would drop audio.
         sock = bind_udp(*self.config.internal, reuse_port=False)
-        await loop.create_datagram_endpoint(lambda: self, sock=sock)
-        assert self.transport is not None
-        self.internal_addr = self.transport.get_extra_info("sockname")[:2]
+        endpoint = BatchedEndpoint(sock, self.datagram_received, self.counters, self.clock)
+        endpoint.start(asyncio.get_running_loop())
+        self.endpoint = endpoint
+        self._send = endpoint.queue.append
+        self.internal_addr = sock.getsockname()[:2]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Send through an asyncio transport instead (datagrams then arrive one at a time
+        through `datagram_received`)."""
         self.transport = transport  # type: ignore[assignment]
+
+    def _send_through_transport(self, item: tuple[bytes, tuple]) -> None:
+        if self.transport is not None:
+            self.transport.sendto(*item)
 
     def close(self) -> None:
         now = self.clock()
@@ -238,6 +434,8 @@ class TransceiverServer(asyncio.DatagramProtocol):
             task.cancel()
         if self._timer_handle is not None:
             self._timer_handle.cancel()
+        if self.endpoint is not None:
+            self.endpoint.close()
         if self.transport is not None:
             self.transport.close()
 
@@ -379,7 +577,10 @@ class TransceiverServer(asyncio.DatagramProtocol):
         }
 
     # Datagrams --------------------------------------------------------------------------------
-    def datagram_received(self, data: bytes, relay: tuple) -> None:
+    def datagram_received(self, data: bytes, relay: tuple, now: float | None = None) -> None:
+        """One envelope from `relay` (as a socket reports it), received at `now` (default:
+        the clock). What it makes a session send is queued on the endpoint (sent at the end
+        of the batch, or at once outside one) or sent through `transport`."""
         host = relay[0]
         if host not in self._relay_hosts and not self.relay_filter.allows(host):
             self._not_a_relay(host)
@@ -393,7 +594,8 @@ class TransceiverServer(asyncio.DatagramProtocol):
         if not payload:
             self.counters["drop_empty"] += 1
             return
-        now = self.clock()
+        if now is None:
+            now = self.clock()
         first = payload[0]
         if IS_STUN[first]:
             ufrag = stun.binding_server_ufrag(payload)
@@ -465,17 +667,19 @@ class TransceiverServer(asyncio.DatagramProtocol):
         self.counters["socket_errors"] += 1
 
     def _transmit(self, call: Call) -> None:
-        """Envelope what the session has to send to the relay worker each client last used."""
+        """Envelope what the session has to send to the relay worker each client last used
+        (queued on the endpoint, sent at once unless it is holding them for a batch)."""
         out = call.session.datagrams_to_send()
-        transport = self.transport
-        if transport is None:
+        if not out:
             return
-        relay_for, headers = call.relay_for, call.headers
+        relay_for, headers, send = call.relay_for, call.headers, self._send
         for datagram, client in out:
             relay = relay_for.get(client)
             if relay is not None:
-                header = headers.get(client) or _new_header(call, client)
-                transport.sendto(header + datagram, relay)
+                send(((headers.get(client) or _new_header(call, client)) + datagram, relay))
+        endpoint = self.endpoint
+        if endpoint is not None and not endpoint.holding:
+            endpoint.flush()
 
     def _after_input(self, call: Call, now: float) -> None:
         """After any input to a call (a datagram, its timer, its agent): transmit, act on its
@@ -586,6 +790,18 @@ class TransceiverServer(asyncio.DatagramProtocol):
         )
 
     def _on_timer(self) -> None:
+        """Run every call whose timer is due; what they send leaves in batches."""
+        endpoint = self.endpoint
+        if endpoint is None:
+            self._run_due_timers()
+            return
+        endpoint.hold()
+        try:
+            self._run_due_timers()
+        finally:
+            endpoint.flush()
+
+    def _run_due_timers(self) -> None:
         self._timer_at = None
         self._timer_handle = None
         clock_now = self.clock()

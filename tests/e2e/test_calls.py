@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 
 import aiohttp
 import pytest
@@ -164,8 +163,7 @@ def _wrong_integrity_checks(
 ) -> tuple[list[bytes], list]:
     """From a new address, Binding requests with USE-CANDIDATE but the wrong password (an
     attempt to steal the nomination); returns whatever came back, and that address."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
-        attacker.bind(("127.0.0.1", 0))
+    with relay.client_socket() as attacker:
         address = list(attacker.getsockname())
         attacker.settimeout(0.3)
         replies = []
@@ -312,8 +310,7 @@ def test_wrong_message_integrity_gets_no_stun_answer(stack):
 
     answer, location = asyncio.run(answer_for_offer())
     username = f"{answer.ice_ufrag}:cliU".encode()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
-        client.bind(("127.0.0.1", 0))
+    with relay.client_socket() as client:
         client.settimeout(0.5)
         address = list(client.getsockname())
 

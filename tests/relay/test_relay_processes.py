@@ -76,8 +76,7 @@ def test_200_clients_reach_their_transceiver_and_get_their_replies(relay, keys):
     before = relay.stats()
     try:
         for i in range(200):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.bind(("127.0.0.1", 0))
+            sock = relay.client_socket()
             target = a if i % 2 == 0 else b
             clients.append((sock, target))
             sock.sendto(binding_request(keys, target.addr, f"c{i:03d}"), relay.public)
@@ -122,10 +121,8 @@ def test_200_clients_reach_their_transceiver_and_get_their_replies(relay, keys):
 
 def test_return_path_needs_a_live_flow_to_that_transceiver(relay, keys):
     a, b = StandIn().start(), StandIn().start()
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    client.bind(("127.0.0.1", 0))
-    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    stranger.bind(("127.0.0.1", 0))
+    client = relay.client_socket()
+    stranger = relay.client_socket()
     try:
         client.sendto(binding_request(keys, a.addr), relay.public)
         wait_for(lambda: a.got(client.getsockname()), 5, what="flow to A")
@@ -229,12 +226,9 @@ def _drop_total(stats: dict) -> int:
 
 def test_forged_and_random_datagrams_are_counted_drops_and_honest_clients_work(relay, keys):
     transceiver = StandIn(echo=True).start()
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    client.bind(("127.0.0.1", 0))
-    fuzzer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    fuzzer.bind(("127.0.0.1", 0))
-    rogue = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the transceiver of no flow
-    rogue.bind(("127.0.0.1", 0))
+    client = relay.client_socket()
+    fuzzer = relay.client_socket()
+    rogue = relay.client_socket()  # the transceiver of no flow
     internals = [("127.0.0.1", relay.internal_base + i) for i in range(relay.workers)]
     pings = iter(range(1_000_000))
     sent = 0

@@ -130,6 +130,27 @@ class RelayProcess:
     def launcher_pid(self) -> int:
         return int((self.state_dir / f"relay-{self.port}.pid").read_text())
 
+    def client_socket(self, host: str = "127.0.0.1") -> socket.socket:
+        """A UDP socket bound to an address no flow of this relay uses. The kernel hands out
+        ephemeral ports at random, so a new client of a long-lived relay may get the port of an
+        earlier test's client, whose established flow it would inherit (and a check of its own
+        would be refused as a rebind)."""
+        from voicerelay.shm.flowtable import FlowTable
+
+        table = FlowTable.attach(self.shm_names[0])
+        taken: list[socket.socket] = []
+        try:
+            while True:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.bind((host, 0))
+                if table.lookup(sock.getsockname()) is None:
+                    return sock
+                taken.append(sock)  # held until a free one is found, so it is not handed again
+        finally:
+            table.close()
+            for sock in taken:
+                sock.close()
+
     def worker_pids(self) -> list[int]:
         return [w["pid"] for w in self.status()["workers"]]
 

@@ -8,6 +8,7 @@ pass or fail. Each script writes `bench/results/<name>.json` with the machine st
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import platform
@@ -114,6 +115,81 @@ class CpuMeter:
     @property
     def utilisation(self) -> float:
         """Fraction of one core used."""
+        return self.cpu / self.wall if self.wall else 0.0
+
+
+def _machine_sample() -> tuple[float, float]:
+    """(busy fields, not running) CPU seconds so far, summed over every core: busy fields =
+    user + nice + system + irq + softirq, not running = idle + iowait + steal."""
+    busy = absent = 0.0
+    for t in psutil.cpu_times(percpu=True):
+        busy += t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+        absent += t.idle + getattr(t, "iowait", 0.0) + getattr(t, "steal", 0.0)
+    return busy, absent
+
+
+class MachineMeter:
+    """CPU seconds the whole machine was busy between `start()` and `stop()`, every core and
+    whoever ran (softirq work included: it counts wherever it ran, not in any process).
+
+    `busy` is wall time x cores minus idle, iowait and steal (/proc/stat via psutil): the
+    kernel times idle periods exactly (NO_HZ), to 10 ms a core after rounding. `busy_ticks`
+    sums the busy fields instead (user + nice + system + irq + softirq, as
+    loadclient.CoreMeter does); with tick-based CPU accounting each scheduler tick charges a
+    whole tick to whatever runs, and a tick soon after a wake-up tends to find the CPU busy, so
+    short bursts are over-counted, by how much depends on the wake-up pattern: kept as a
+    cross-check only."""
+
+    def __init__(self) -> None:
+        self.busy = self.busy_ticks = self.wall = 0.0
+        self.cores = len(psutil.cpu_times(percpu=True))
+
+    def start(self) -> MachineMeter:
+        self._ticks0, self._absent0 = _machine_sample()
+        self._wall0 = time.monotonic()
+        return self
+
+    def stop(self) -> MachineMeter:
+        ticks, absent = _machine_sample()
+        self.wall = time.monotonic() - self._wall0
+        self.busy_ticks = ticks - self._ticks0
+        self.busy = self.cores * self.wall - (absent - self._absent0)
+        return self
+
+
+def run_ns_by_pid() -> dict[int, int]:
+    """Nanoseconds every process on the machine has run so far (all its threads; schedstat)."""
+    out: dict[int, int] = {}
+    for stat in glob.glob("/proc/[0-9]*/task/*/schedstat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pid = int(stat.split("/")[2])
+            out[pid] = out.get(pid, 0) + int(Path(stat).read_text().split()[0])
+    return out
+
+
+class OthersMeter:
+    """CPU seconds the processes alive at `stop()` and not in `own` ran since `start()`
+    (schedstat run time, ns; a process that exited meanwhile is not seen). Idle-loop overhead
+    is not in it."""
+
+    def __init__(self, own: Iterable[int]) -> None:
+        self.own = set(own)
+        self.cpu = self.wall = 0.0
+
+    def start(self) -> OthersMeter:
+        self._ns0, self._wall0 = run_ns_by_pid(), time.monotonic()
+        return self
+
+    def stop(self) -> OthersMeter:
+        ns = run_ns_by_pid()
+        self.wall = time.monotonic() - self._wall0
+        ran = sum(n - self._ns0.get(pid, 0) for pid, n in ns.items() if pid not in self.own)
+        self.cpu = max(0, ran) / 1e9
+        return self
+
+    @property
+    def cores(self) -> float:
+        """Cores' worth of CPU others used on average."""
         return self.cpu / self.wall if self.wall else 0.0
 
 

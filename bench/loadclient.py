@@ -97,10 +97,12 @@ class CoreMeter:
         self.busy = 0.0
 
     def _sample(self) -> tuple[float, float]:
+        """(busy, elapsed) so far: busy is wall time minus idle (the tick-charged busy fields
+        over-count bursty loads on this kernel; idle time is exact: harness.MachineMeter)."""
         t = psutil.cpu_times(percpu=True)[self.core]
-        busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
         unavailable = t.idle + getattr(t, "iowait", 0.0) + getattr(t, "steal", 0.0)
-        return busy, busy + unavailable
+        now = time.monotonic()
+        return now - unavailable, now
 
     def start(self) -> CoreMeter:
         self._busy0, self._total0 = self._sample()

@@ -1,5 +1,5 @@
-"""Relay vs coturn vs the C forwarder: CPU per relayed packet and max packets/s, same datagrams,
-same rates, same run.
+"""Relay (userspace and kernel fast path) vs coturn vs the C forwarder: CPU per relayed packet
+and max packets/s, same datagrams, same rates, same run.
 
     .venv/bin/python bench/peer_coturn.py [--quick] [--rates 10000,20000,...] [--paths ...]
 
@@ -11,23 +11,44 @@ Paths, all around one C echo (the sink, standing in for a transceiver or a TURN 
   a config of its own: UDP only, one relay thread (`-m 1`), loopback peers allowed, a static
   long-term user. Each generator socket holds an allocation (Allocate, 401, Allocate with
   MESSAGE-INTEGRITY) and a channel binding to the sink; datagrams travel as ChannelData (4-byte
-  header) both ways. Missing coturn is skipped with one line.
+  header) both ways. Missing coturn is skipped with one line;
+- `relay-kernel`: voicerelay with `--kernel-fast-path` (bench/paths.py), the same first packets
+  as `relay`; before each run every generator flow must be in the kernel (`kernel_flows`), or
+  the run fails. Its relay runs only during its own runs (started before, stopped after): its
+  tc program on `lo` would otherwise run for every loopback datagram of the other paths.
 
 One load generator drives every path: this process with 64 connected client sockets, the
 datagram prebuilt in C memory, sent with sendmmsg (8 a socket, round robin) every 2 ms and
 drained with recvmmsg (`voicerelay.relay.mmsg`), so Python does no per-packet work. The payload
 is 160 bytes on every path (coturn's client datagrams carry 4 more bytes of ChannelData header,
 the relay's envelopes to the sink 22 more). Forwarder on the core under test; generator and sink
-on the other. At each offered rate every path runs once in turn (all forwarders stay up, idle
-between runs), so a ratio compares runs seconds apart on the same machine. A forwarded packet is
-one datagram moved one way (a round trip through a forwarder is two). CPU per packet is shown
-for runs under 1 % loss (`--cpu-loss-limit`); a path leaves the ramp after a run over that; its
-max is the highest rate it carried with no loss at all (`--loss-limit`). A lossy run while other
-processes used the forwarder's core is run again (`--retries`), and every run first waits a
-while for others to leave our cores (`--quiet-wait`): the machine may be shared.
+on the other. At each offered rate every path runs once in turn (the other forwarders stay up,
+idle between runs), so a ratio compares runs seconds apart on the same machine. A forwarded
+packet is one datagram moved one way (a round trip through a forwarder is two).
+
+Two CPU figures per forwarded packet:
+- the forwarder's processes (schedstat run time): what a userspace forwarder costs. It cannot
+  see the kernel path, whose tc program runs in softirq on the CPU of whoever sent the datagram
+  (on loopback: the generator's and the sink's), in no forwarder process;
+- the extra machine CPU over `direct` at the same rate, the same way for every path: (busy time
+  of every core during the run - during the direct run) / packets forwarded, busy = wall time
+  - idle - iowait - steal from /proc/stat (psutil.cpu_times). Everything the path adds counts
+  wherever it ran; so does anything else that ran, which is why a run where the machine was
+  busy >= 5 % of a core beyond our processes' run time (quiet: 1-2 %) is run again
+  (`--retries`) and marked. Two cross-checks: the same difference over the run time of our
+  own processes and the softirq threads (schedstat; blind to others, and to the idle loop's
+  cost of each wake-up), and over the tick-sampled busy fields (user + nice + system + irq +
+  softirq, as loadclient.CoreMeter), which over-count short bursts (harness.MachineMeter).
+
+CPU per packet is shown for runs under 1 % loss (`--cpu-loss-limit`); a path leaves the ramp
+after a run over that; its max is the highest rate it carried with no loss at all
+(`--loss-limit`). A lossy run while other processes used the forwarder's core is run again, and
+every run first waits a while for others to leave our cores (`--quiet-wait`): the machine may be
+shared.
 
 Budgets (issue 14): relay CPU per packet <= 0.9x coturn's and <= 1.15x the C forwarder at every
-rate from 10k packets/s each way.
+rate from 10k packets/s each way; with the fast path, CPU per forwarded packet <= 0.3x the C
+forwarder's (extra machine CPU over direct).
 """
 
 from __future__ import annotations
@@ -343,7 +364,10 @@ RECV_BATCH = 64
 SETTLE = 0.5  # seconds to collect replies after the last send
 SOCKET_BUFFER = 4 << 20
 CONTENDED = 0.10  # others' share of the forwarder's core that makes a lossy run suspect
+DISTURBED = 0.05  # cores the machine ran beyond ours (quiet: ~0.01-0.02) that void a run's
+# machine busy time: over 4 s at 10k packets/s each way, 0.05 of a core is 2.8 us a packet
 SATURATED = 0.95  # a forwarder this busy lost packets by itself
+KERNEL_SHARE_EXPECTED = 0.999  # of the kernel path's datagrams its tc program should forward
 
 
 class ClientSockets:
@@ -360,6 +384,10 @@ class ClientSockets:
             s.connect(server)
             s.setblocking(False)
             self.socks.append(s)
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """The sockets' own addresses (the flows' client addresses)."""
+        return [s.getsockname() for s in self.socks]
 
     def close(self) -> None:
         for s in self.socks:
@@ -456,14 +484,17 @@ def _send_quietly(s: socket.socket, data: bytes) -> None:
 # The paths under test -------------------------------------------------------------------------
 @dataclass
 class Lane:
-    """One path under load: whose CPU counts, the generator's sockets and datagram for it, and
-    how to (re)open its flows before a run."""
+    """One path under load: whose CPU counts, the generator's sockets and datagram for it, how
+    to (re)open its flows before a run and what to do after it; the relay paths' `path`
+    (their relay, to read where it forwarded)."""
 
     name: str
     forwarder_pids: list[int]
     sockets: ClientSockets
     datagram: bytes
     prepare: Callable[[], None]
+    finish: Callable[[], None] = lambda: None
+    path: paths.BenchPath | None = None
     steps: list[dict[str, Any]] = field(default_factory=list)
     contended: list[dict[str, Any]] = field(default_factory=list)  # runs lost to others' load
     stopped: str = ""
@@ -487,26 +518,40 @@ def verify_echo(sockets: ClientSockets, frame: Callable[[bytes], bytes]) -> None
 def plain_lane(name: str, path: paths.BenchPath, count: int, size: int) -> Lane:
     """direct / C / relay: raw datagrams; the relay's flows opened by their first packets."""
     sockets = ClientSockets(count, ("127.0.0.1", path.port))
-    firsts = (
-        read_first_packets(Path(path.first_packets), count) if path.first_packets != "-" else []
-    )
 
     def prepare() -> None:
-        if firsts:  # re-sent before each run: an idle flow expires after 30 s
+        if path.first_packets != "-":  # re-sent before each run: an idle flow expires after 30 s
+            paths.refresh_first_packets(path)  # a token opens a flow for 30 s after its issue
+            firsts = paths.read_first_packets(Path(path.first_packets), count)
             sockets.converse([Probe(p) for p in firsts], timeout=5)
         verify_echo(sockets, lambda body: body)
 
-    return Lane(name, path.forwarder_pids, sockets, payload(size), prepare)
+    relay = path if path.relay is not None else None
+    return Lane(name, path.forwarder_pids, sockets, payload(size), prepare, path=relay)
 
 
-def read_first_packets(path: Path, count: int) -> list[bytes]:
-    """The per-socket first packets bench/paths.py writes (u16 little-endian length + bytes)."""
-    data, out, offset = path.read_bytes(), [], 0
-    for _ in range(count):
-        (length,) = struct.unpack_from("<H", data, offset)
-        out.append(data[offset + 2 : offset + 2 + length])
-        offset += 2 + length
-    return out
+def kernel_lane(path: paths.BenchPath, count: int, size: int, cores: tuple[int, int]) -> Lane:
+    """relay-kernel: the relay lane's flows, every one of them offloaded to the kernel before
+    a run (RuntimeError otherwise). The relay runs only for its own runs, (re)started before
+    and stopped after each: its tc program on `lo` would otherwise run for every loopback
+    datagram of the other paths too."""
+    lane = plain_lane(path.name, path, count, size)
+    open_flows = lane.prepare
+    driver, under_test = cores
+
+    def prepare() -> None:
+        if not paths.relay_running(path):
+            paths.start_relay(path, under_test, driver)
+        try:
+            open_flows()
+        except RuntimeError as exc:
+            raise RuntimeError(f"{path.name}: {exc}; {paths.relay_diagnosis(path)}") from None
+        paths.wait_offloaded(path, lane.sockets.addresses())
+
+    lane.prepare = prepare
+    lane.finish = lambda: paths.stop_relay(path)
+    paths.stop_relay(path)  # until its first run
+    return lane
 
 
 def turn_lane(server: Coturn, peer: Addr, count: int, size: int) -> Lane:
@@ -679,20 +724,66 @@ def wait_quiet(
     return time.monotonic() - started
 
 
+def softirq_threads() -> list[int]:
+    """The pids of the softirq threads (ksoftirqd/N): loopback datagram work they take over is
+    the load's, not another process's."""
+    return [
+        p.pid
+        for p in psutil.process_iter(["name"])
+        if (p.info["name"] or "").startswith("ksoftirqd/")
+    ]
+
+
 def run_step(lane: Lane, rate: float, args: argparse.Namespace, cores: tuple[int, int]) -> dict:
-    """One run of `lane` at `rate` datagrams/s each way: loss and CPU per forwarded packet."""
+    """One run of `lane` at `rate` datagrams/s each way (its flows opened before, its `finish`
+    after): loss, CPU per forwarded packet, and the machine's busy time."""
     lane.prepare()
+    try:
+        return measure(lane, rate, args, cores)
+    finally:
+        lane.finish()
+
+
+def measure(lane: Lane, rate: float, args: argparse.Namespace, cores: tuple[int, int]) -> dict:
+    """The run itself: wait for quiet, offer the load, read every meter. On the kernel path
+    the kernel also times its tc program (`paths.bpf_run_time`) during the run."""
+    relay = lane.path
+    with contextlib.ExitStack() as stack:
+        timed = relay is not None and relay.kernel and stack.enter_context(paths.bpf_run_time())
+        return measure_run(lane, rate, args, cores, timed)
+
+
+def measure_run(
+    lane: Lane, rate: float, args: argparse.Namespace, cores: tuple[int, int], timed: bool
+) -> dict:
     waited = wait_quiet(cores, [*lane.forwarder_pids, os.getpid()], args.quiet_wait)
+    relay = lane.path
+    if relay is not None and relay.kernel:  # still every flow in the kernel after the wait
+        paths.wait_offloaded(relay, lane.sockets.addresses())
+    tc0 = paths.tc_program_run(relay) if timed and relay is not None else None
+    filters = paths.lo_tc_filters()
+    counts0 = paths.relay_counts(relay) if relay is not None else None
+    launcher = paths.relay_launcher_pid(relay) if relay is not None else None
+    own = [os.getpid(), args.sink_pid, *lane.forwarder_pids, *args.softirq_pids]
+    own += [launcher] if launcher else []
     drops0 = drops_by_side(lane, args.sink_port)
+    machine = harness.MachineMeter().start()
+    others = harness.OthersMeter(own).start()
+    ours = RunTimeMeter(own).start()
+    relay_processes = RunTimeMeter([*lane.forwarder_pids, *([launcher] if launcher else [])])
+    relay_processes.start()
     forwarder = RunTimeMeter(lane.forwarder_pids).start()
     ticks = harness.CpuMeter(lane.forwarder_pids).start()  # the house meter, as a cross-check
     driver_core, test_core = CoreMeter(cores[0]).start(), CoreMeter(cores[1]).start()
     result = lane.sockets.flood(lane.datagram, rate, args.seconds)
-    for meter in (forwarder, ticks, driver_core, test_core):
+    for meter in (forwarder, ticks, driver_core, test_core, relay_processes, ours, others, machine):
         meter.stop()
     drops = {k: v - drops0[k] for k, v in drops_by_side(lane, args.sink_port).items()}
     sent, received = result["sent"], result["received"]
     forwarded = sent + received
+    where = paths.counts_since(counts0, paths.relay_counts(relay)) if counts0 else None
+    tc1 = paths.tc_program_run(relay) if tc0 is not None and relay is not None else None
+    tc_ns, tc_runs = (tc1[0] - tc0[0], tc1[1] - tc0[1]) if tc0 and tc1 else (None, None)
     return {
         **result,
         "path": lane.name,
@@ -708,6 +799,20 @@ def run_step(lane: Lane, rate: float, args: argparse.Namespace, cores: tuple[int
             ticks.cpu * 1e6 / forwarded if lane.forwarder_pids and forwarded else float("nan")
         ),
         "generator_cpu_us_per_packet": result["generator_cpu_s"] * 1e6 / max(1, forwarded),
+        "machine_busy_s": machine.busy,
+        "machine_busy_ticks_s": machine.busy_ticks,
+        "machine_wall_s": machine.wall,
+        "machine_cpu_us_per_packet": machine.busy * 1e6 / max(1, forwarded),
+        "ours_cpu_s": ours.cpu,
+        "others_cores": max(0.0, machine.busy - ours.cpu) / machine.wall,
+        "others_processes_cores": others.cores,
+        "forwarded_where": where,
+        "relay_processes_cpu_s": relay_processes.cpu if relay is not None else None,
+        "tc_program_ns": tc_ns,  # its run time while timed (every run on lo ingress counts)
+        "tc_program_runs": tc_runs,
+        "kernel_share": kernel_share(where),
+        "lo_tc_filters": filters,
+        "foreign_tc_programs": len(filters) - (1 if relay is not None and relay.kernel else 0),
         "drops": drops,
         "waited_for_quiet_s": waited,
         "driver_core_busy": driver_core.busy,
@@ -715,6 +820,14 @@ def run_step(lane: Lane, rate: float, args: argparse.Namespace, cores: tuple[int
         if lane.forwarder_pids
         else test_core.busy,
     }
+
+
+def kernel_share(where: dict[str, int] | None) -> float:
+    """The share of a relay's datagrams its tc program forwarded (NaN for other paths)."""
+    if not where:
+        return float("nan")
+    total = where["kernel"] + where["userspace"]
+    return where["kernel"] / total if total else float("nan")
 
 
 def contended_loss(step: dict[str, Any], limit: float) -> bool:
@@ -727,21 +840,39 @@ def contended_loss(step: dict[str, Any], limit: float) -> bool:
     )
 
 
+def disturbed(step: dict[str, Any]) -> bool:
+    """True if the machine was busy >= DISTURBED of a core more than our processes and the
+    softirq threads ran during the run: other processes (`others_processes_cores`: those
+    still alive at the end), ones that came and went, the idle loop's own overhead (about 1 %
+    of a core in these runs): the run's machine busy time is then not all the path's."""
+    return step["others_cores"] >= DISTURBED
+
+
 def ramp(lanes: list[Lane], args: argparse.Namespace, cores: tuple[int, int]) -> None:
     """Every rate, every lane still in, in turn; a lane leaves after a run over the CPU loss
-    limit (it is past its capacity)."""
+    limit (it is past its capacity). A run others disturbed is run again (`--retries`)."""
     active = list(lanes)
     for rate in args.rates:
         for lane in list(active):
             step = run_step(lane, rate, args, cores)
-            for _ in range(args.retries):  # others took the forwarder's core: run it again
-                if not contended_loss(step, args.loss_limit):
+            for _ in range(args.retries):  # others took our cores: run it again
+                if contended_loss(step, args.loss_limit):
+                    why = "contended"
+                elif disturbed(step):
+                    why = f"others took {step['others_cores']:.0%} of a core"
+                else:
                     break
-                print(progress_line(step) + ": contended, run again", flush=True)
+                print(f"{progress_line(step)}: {why}, run again", flush=True)
                 lane.contended.append(step)
                 step = run_step(lane, rate, args, cores)
             lane.steps.append(step)
             print(progress_line(step), flush=True)
+            if step["kernel_share"] < KERNEL_SHARE_EXPECTED and lane.path and lane.path.kernel:
+                print(
+                    f"  {lane.name}: the kernel forwarded only {step['kernel_share']:.2%}: "
+                    f"{step['forwarded_where']}",
+                    flush=True,
+                )
             if step["loss"] >= args.cpu_loss_limit:
                 lane.stopped = f"loss {step['loss']:.3%} at {rate:,.0f}/s"
                 active.remove(lane)
@@ -752,14 +883,18 @@ def ramp(lanes: list[Lane], args: argparse.Namespace, cores: tuple[int, int]) ->
 
 
 def progress_line(step: dict) -> str:
+    share = step["kernel_share"]
     return (
-        f"  {step['path']:>6} {step['offered_pps']:>9,.0f}/s: loss {step['loss']:.3%}, "
+        f"  {step['path']:>12} {step['offered_pps']:>9,.0f}/s: loss {step['loss']:.3%}, "
         f"forwarder {step['forwarder_cpu_us_per_packet']:.2f} us/pkt "
-        f"({step['forwarder_util']:.0%} of its core), generator "
+        f"({step['forwarder_util']:.0%} of its core), machine "
+        f"{step['machine_cpu_us_per_packet']:.2f} us/pkt, generator "
         f"{step['generator_cpu_us_per_packet']:.2f} us/pkt, driver core "
         f"{step['driver_core_busy']:.0%}, others on the test core "
-        f"{step['others_on_test_core']:.0%}, drops gen/fwd/sink "
+        f"{step['others_on_test_core']:.0%}, on the machine {step['others_cores']:.0%}, "
+        f"drops gen/fwd/sink "
         f"{step['drops']['generator']}/{step['drops']['forwarder']}/{step['drops']['sink']}"
+        + (f", in kernel {share:.2%}" if share == share else "")
         + (
             f" (waited {step['waited_for_quiet_s']:.1f} s for quiet)"
             if step["waited_for_quiet_s"] > 0.5
@@ -775,25 +910,138 @@ def max_rate(lane: Lane, limit: float) -> float:
 
 
 # Output ---------------------------------------------------------------------------------------
+FORWARDERS = ("c", "relay", "coturn", paths.KERNEL)
+RATIOS = (  # (key, numerator, denominator): of the per-process figures and of each EXTRA
+    ("relay_over_coturn", "relay", "coturn"),
+    ("relay_over_c", "relay", "c"),
+    ("relay_kernel_over_c", paths.KERNEL, "c"),
+)
+BUDGETS = {
+    "relay_over_coturn": 0.9,
+    "relay_over_c": 1.15,
+    "relay_kernel_over_c_machine": 0.3,
+}
+
+
+def step_at(lane: Lane | None, rate: float) -> dict[str, Any] | None:
+    if lane is None:
+        return None
+    return next((s for s in lane.steps if s["offered_pps"] == rate), None)
+
+
+EXTRA = {  # suffix of the extra-CPU figures -> the step's CPU seconds they come from
+    "_machine": "machine_busy_s",  # every core, wall - idle (the figure the budget uses)
+    "_machine_ticks": "machine_busy_ticks_s",  # every core, the tick-sampled busy fields
+    "_ours": "ours_cpu_s",  # run time of every process of the run and the softirq threads
+}
+
+
+def extra_cpu(
+    step: dict[str, Any] | None, direct: dict[str, Any] | None, limit: float, key: str
+) -> float:
+    """CPU us per forwarded packet over the direct run at the same rate: (`key` CPU seconds in
+    this run - in the direct run) / packets forwarded in this run. NaN unless both runs
+    stayed under `limit` loss."""
+    if step is None or direct is None or step["loss"] >= limit or direct["loss"] >= limit:
+        return float("nan")
+    forwarded = step["sent"] + step["received"]
+    return (step[key] - direct[key]) * 1e6 / forwarded if forwarded else float("nan")
+
+
 def comparison(lanes: dict[str, Lane], limit: float) -> list[dict[str, Any]]:
-    """Per offered rate: each forwarder's CPU per packet (runs under `limit` loss), ratios."""
+    """Per offered rate: each forwarder's CPU per packet (its processes; runs under `limit`
+    loss), its extra CPU per packet over direct (`<name><suffix>`, EXTRA), and the ratios."""
     rows = []
     rates = sorted({s["offered_pps"] for lane in lanes.values() for s in lane.steps})
     for rate in rates:
         row: dict[str, Any] = {"rate": rate}
+        direct = step_at(lanes.get("direct"), rate)
+        ok = direct is not None and direct["loss"] < limit
+        row["direct_machine_total"] = direct["machine_cpu_us_per_packet"] if ok else float("nan")
+        row["direct_ours_total"] = (
+            direct["ours_cpu_s"] * 1e6 / (direct["sent"] + direct["received"])
+            if ok
+            else float("nan")
+        )
+        disturbed_runs = [
+            n for n, lane in lanes.items() if (s := step_at(lane, rate)) and disturbed(s)
+        ]
+        row["disturbed"] = disturbed_runs
         for name, lane in lanes.items():
-            step = next((s for s in lane.steps if s["offered_pps"] == rate), None)
+            if name == "direct":
+                continue
+            step = step_at(lane, rate)
             ok = step is not None and step["loss"] < limit
             row[name] = step["forwarder_cpu_us_per_packet"] if ok else float("nan")
-        relay = row.get("relay", float("nan"))
-        row["relay_over_coturn"] = relay / row.get("coturn", float("nan"))
-        row["relay_over_c"] = relay / row.get("c", float("nan"))
+            for suffix, key in EXTRA.items():
+                row[name + suffix] = extra_cpu(step, direct, limit, key)
+        for key, top, bottom in RATIOS:
+            for suffix in ("", *EXTRA):
+                row[key + suffix] = ratio(row.get(top + suffix), row.get(bottom + suffix))
+        row.update(at_source(step_at(lanes.get(paths.KERNEL), rate), limit))
+        row["relay_kernel_over_c_source"] = ratio(row[f"{paths.KERNEL}_source"], row.get("c"))
         rows.append(row)
     return rows
 
 
+def at_source(step: dict[str, Any] | None, limit: float) -> dict[str, float]:
+    """The kernel path's cost measured where it is spent, per forwarded packet: its tc
+    program's run time (the kernel's BPF run-time stats) and its relay's processes (worker and
+    launcher: offloading, counters, renewals), and their sum. NaN where not measured."""
+    nan = float("nan")
+    tc = processes = nan
+    if step is not None and step["loss"] < limit:
+        forwarded = step["sent"] + step["received"]
+        if step.get("tc_program_ns") is not None and forwarded:
+            tc = step["tc_program_ns"] / 1e3 / forwarded
+        if step.get("relay_processes_cpu_s") is not None and forwarded:
+            processes = step["relay_processes_cpu_s"] * 1e6 / forwarded
+    return {
+        f"{paths.KERNEL}_tc": tc,
+        f"{paths.KERNEL}_processes": processes,
+        f"{paths.KERNEL}_source": tc + processes,
+    }
+
+
+def source_table(rows: list[dict[str, Any]]) -> str:
+    """The kernel path at the source against the C forwarder's process."""
+    k = paths.KERNEL
+    headers = [
+        "pkt/s each way",
+        "tc program us/pkt",
+        "relay processes us/pkt",
+        "sum",
+        "C forwarder us/pkt",
+        "sum / C",
+    ]
+    out = [
+        [
+            r["rate"],
+            r[f"{k}_tc"],
+            r[f"{k}_processes"],
+            r[f"{k}_source"],
+            r.get("c", float("nan")),
+            r["relay_kernel_over_c_source"],
+        ]
+        for r in rows
+    ]
+    title = (
+        f"{k} measured where its cost is spent, per forwarded packet: its tc program's run time "
+        "(the kernel's BPF run-time stats, on while it runs: two clock reads a program run "
+        "included) and its relay's processes (schedstat), against the C forwarder's process"
+    )
+    return harness.table(title, headers, out)
+
+
+def ratio(top: float | None, bottom: float | None) -> float:
+    """top / bottom, NaN if either is missing (or NaN) or bottom is not positive."""
+    if top is None or bottom is None or top != top or bottom != bottom or bottom <= 0:
+        return float("nan")
+    return top / bottom
+
+
 def comparison_table(rows: list[dict[str, Any]], names: list[str], args) -> str:
-    forwarders = [n for n in ("c", "relay", "coturn") if n in names]
+    forwarders = [n for n in FORWARDERS if n in names]
     headers = ["pkt/s each way", *(f"{n} us/pkt" for n in forwarders)]
     headers += [h for h, n in (("relay/coturn", "coturn"), ("relay/C", "c")) if n in forwarders]
     out = []
@@ -805,10 +1053,60 @@ def comparison_table(rows: list[dict[str, Any]], names: list[str], args) -> str:
             line.append(r["relay_over_c"])
         out.append(line)
     title = (
-        f"CPU us per forwarded packet ({args.sockets} flows, {args.payload} B payloads, "
-        f"{args.seconds:g} s a run; '-': loss >= {args.cpu_loss_limit:.0%} at that rate)"
+        f"CPU us per forwarded packet of the forwarder's processes ({args.sockets} flows, "
+        f"{args.payload} B payloads, {args.seconds:g} s a run; '-': loss >= "
+        f"{args.cpu_loss_limit:.0%} at that rate; {paths.KERNEL}: its worker, which forwards "
+        "nothing once the kernel has the flows)"
     )
     return harness.table(title, headers, out)
+
+
+EXTRA_TITLES = {
+    "_machine": (
+        "Extra machine CPU us per forwarded packet over direct at the same rate: (busy time of "
+        "every core in the run - in the direct run) / packets forwarded; busy = wall - idle - "
+        "iowait - steal, every core (/proc/stat). 'direct total': the direct run's own busy "
+        "time per packet (generator + sink + the kernel's loopback work)"
+    ),
+    "_ours": (
+        "Cross-check, blind to other processes: the same difference over the run time "
+        "(schedstat, ns) of every process of the run (generator, sink, forwarder, relay "
+        "launcher) and the softirq threads; softirq work done in a process's context counts in "
+        "its run time"
+    ),
+}
+
+
+def machine_table(rows: list[dict[str, Any]], names: list[str], suffix: str) -> str:
+    """Extra CPU per forwarded packet over direct (`suffix` of EXTRA), every forwarder, and the
+    ratios."""
+    forwarders = [n for n in FORWARDERS if n in names]
+    headers = ["pkt/s each way", "direct total", *forwarders]
+    shown = [(key, top, bottom) for key, top, bottom in RATIOS if {top, bottom} <= set(names)]
+    headers += [f"{top}/{'C' if bottom == 'c' else bottom}" for _, top, bottom in shown]
+    if suffix == "_machine":
+        headers.append(f"others >= {DISTURBED:.0%} of a core in")
+    out = [
+        [
+            r["rate"],
+            flag(r["direct_machine_total"], "direct" in r["disturbed"])
+            if suffix == "_machine"
+            else r["direct_ours_total"],
+            *(flag(r[n + suffix], tainted(r, {n}, suffix)) for n in forwarders),
+            *(flag(r[k + suffix], tainted(r, {top, bot}, suffix)) for k, top, bot in shown),
+            *([",".join(r["disturbed"]) or "-"] if suffix == "_machine" else []),
+        ]
+        for r in rows
+    ]
+    note = " ('*': a run disturbed, not judged)" if suffix == "_machine" else ""
+    return harness.table(EXTRA_TITLES[suffix] + note, headers, out)
+
+
+def flag(value: float, flagged: bool) -> float | str:
+    """A table cell: the value, with '*' if `flagged` (a NaN stays '-')."""
+    if not flagged or value != value:
+        return value
+    return f"{value:,.3f}*" if abs(value) < 10 else f"{value:,.1f}*"
 
 
 def steps_table(lanes: list[Lane]) -> str:
@@ -819,9 +1117,13 @@ def steps_table(lanes: list[Lane]) -> str:
         "loss %",
         "fwd us/pkt",
         "fwd CPU %",
+        "machine us/pkt",
         "gen us/pkt",
         "driver core %",
         "others test core %",
+        "others machine %",
+        "in kernel %",
+        "lo bpf",
         "drops gen/fwd/sink",
     ]
     rows = [
@@ -832,9 +1134,13 @@ def steps_table(lanes: list[Lane]) -> str:
             100 * s["loss"],
             s["forwarder_cpu_us_per_packet"],
             100 * s["forwarder_util"],
+            s["machine_cpu_us_per_packet"],
             s["generator_cpu_us_per_packet"],
             100 * s["driver_core_busy"],
             100 * s["others_on_test_core"],
+            100 * s["others_cores"],
+            100 * s["kernel_share"],
+            len(s["lo_tc_filters"]),
             "/".join(str(s["drops"][k]) for k in ("generator", "forwarder", "sink")),
         ]
         for lane in lanes
@@ -849,31 +1155,104 @@ def max_table(lanes: list[Lane], limit: float) -> str:
     return harness.table(title, ["path", "max pkt/s each way", "ramp stopped by"], rows)
 
 
+def ratio_parts(key: str) -> tuple[str, str, str]:
+    """(numerator, denominator, EXTRA suffix or '') of a ratio key of `comparison`."""
+    if key == "relay_kernel_over_c_source":
+        return paths.KERNEL, "c", "_source"
+    for base, top, bottom in RATIOS:
+        for suffix in ("", *EXTRA):
+            if key == base + suffix:
+                return top, bottom, suffix
+    raise KeyError(key)
+
+
+def tainted(row: dict[str, Any], names: set[str], suffix: str) -> bool:
+    """True if a machine-wide figure of `names` at this rate came from a disturbed run (theirs
+    or the direct run it is measured against)."""
+    return suffix.startswith("_machine") and bool((names | {"direct"}) & set(row["disturbed"]))
+
+
+def judged(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(the ratios under `key` to judge, the rates left out because a run was disturbed):
+    rates where both forwarders carried the load, and for a machine-wide ratio, where neither
+    their runs nor the direct run were disturbed."""
+    top, bottom, suffix = ratio_parts(key)
+    kept, left_out = [], []
+    for row in rows:
+        if row[key] != row[key]:
+            continue
+        if tainted(row, {top, bottom}, suffix):
+            left_out.append(row["rate"])
+        else:
+            kept.append(row[key])
+    return kept, left_out
+
+
 def worst_ratio(rows: list[dict[str, Any]], key: str) -> float | None:
-    """The highest ratio over the rates where both forwarders carried the load."""
-    ratios = [r[key] for r in rows if r[key] == r[key]]
+    """The highest ratio over the rates `judged` keeps."""
+    ratios, _ = judged(rows, key)
     return max(ratios) if ratios else None
 
 
 def budget_lines(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     for key, label, budget in (
-        ("relay_over_coturn", "relay / coturn", 0.9),
-        ("relay_over_c", "relay / C", 1.15),
+        ("relay_over_coturn", "relay / coturn per packet (processes)", 0.9),
+        ("relay_over_c", "relay / C per packet (processes)", 1.15),
+        ("relay_over_coturn_machine", "relay / coturn extra machine CPU", 0.9),
+        ("relay_over_c_machine", "relay / C extra machine CPU", 1.15),
+        ("relay_kernel_over_c_machine", f"{paths.KERNEL} / C extra machine CPU", 0.3),
     ):
-        ratios = [r[key] for r in rows if r[key] == r[key]]
+        ratios, left_out = judged(rows, key)
+        out = (
+            f" ({', '.join(f'{r / 1000:g}k' for r in left_out)} left out: a run disturbed)"
+            if left_out
+            else ""
+        )
         if not ratios:
+            if left_out:
+                lines.append(f"{label}: not judged{out}")
             continue
         met = all(x <= budget for x in ratios)
         lines.append(
-            f"{label} per packet: {min(ratios):.2f}-{max(ratios):.2f}x over "
-            f"{len(ratios)} rates (budget <= {budget}x at every rate): {'met' if met else 'NOT met'}"
+            f"{label}: {min(ratios):.2f}-{max(ratios):.2f}x over {len(ratios)} rates "
+            f"(budget <= {budget}x at every rate): {'met' if met else 'NOT met'}{out}"
+        )
+    for suffix, how in (
+        ("_source", "at the source (tc program + relay processes) over C's process"),
+        ("_ours", "run time of our processes"),
+        ("_machine_ticks", "busy as the tick-sampled busy fields (biased, see harness)"),
+    ):
+        check, _ = judged(rows, "relay_kernel_over_c" + suffix)
+        if check:
+            lines.append(
+                f"  cross-check, {how}: {paths.KERNEL} / C {min(check):.2f}-{max(check):.2f}x"
+            )
+    return lines
+
+
+def kernel_lines(lanes: list[Lane]) -> list[str]:
+    """What the kernel path's runs forwarded where, and any other tc program seen on `lo`."""
+    lines = []
+    for lane in lanes:
+        if lane.path is not None and lane.path.kernel and lane.steps:
+            shares = [s["kernel_share"] for s in lane.steps]
+            lines.append(
+                f"{lane.name}: the tc program forwarded {min(shares):.3%}-{max(shares):.3%} of "
+                f"the relay's datagrams in every run (the rest: its worker)"
+            )
+    foreign = [s["foreign_tc_programs"] for lane in lanes for s in lane.steps]
+    if any(foreign):
+        lines.append(
+            f"{sum(1 for n in foreign if n)} of {len(foreign)} runs had up to {max(foreign)} "
+            "tc programs of other relays on lo (others' tests: each runs for every loopback "
+            "datagram, on every path)"
         )
     return lines
 
 
 # Main -----------------------------------------------------------------------------------------
-PATHS = ("direct", "c", "relay", "coturn")
+PATHS = ("direct", "c", "relay", "coturn", paths.KERNEL)
 
 
 def parse_args() -> argparse.Namespace:
@@ -882,8 +1261,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=None, help="length of each run [4]")
     p.add_argument(
         "--rates",
-        default="10000,20000,40000,80000,100000,120000,140000,170000,200000",
-        help="offered rates, packets/s each way, ascending (the last ones search the max)",
+        default=None,
+        help="offered rates, packets/s each way, ascending (the last ones search the max) "
+        "[10000,20000,40000,80000,100000,120000,140000,170000,200000; --quick: "
+        "10000,40000,80000,120000]",
     )
     p.add_argument("--sockets", type=int, default=64, help="client sockets (flows)")
     p.add_argument("--payload", type=int, default=160, help="datagram payload bytes")
@@ -900,19 +1281,29 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--quiet-wait",
         type=float,
-        default=15.0,
-        help="seconds a run may wait for other processes to leave our cores [15]",
+        default=None,
+        help="seconds a run may wait for other processes to leave our cores [15; --quick: 5]",
     )
     p.add_argument(
         "--retries",
         type=int,
-        default=2,
-        help="reruns of a lossy step while other processes used >10%% of the forwarder's core",
+        default=None,
+        help="reruns of a step others disturbed: lossy while they used >10%% of the "
+        "forwarder's core, or the machine busy >5%% of a core beyond our processes "
+        "[2; --quick: 1]",
     )
     args = p.parse_args()
-    if args.quick:
-        args.rates = "10000,40000,80000,120000"
+    if args.rates is None:
+        args.rates = (
+            "10000,40000,80000,120000"
+            if args.quick
+            else "10000,20000,40000,80000,100000,120000,140000,170000,200000"
+        )
     args.seconds = args.seconds or (1.5 if args.quick else 4.0)
+    if args.quiet_wait is None:
+        args.quiet_wait = 5.0 if args.quick else 15.0
+    if args.retries is None:
+        args.retries = 1 if args.quick else 2
     args.rates = [float(r) for r in args.rates.split(",")]
     args.paths = [n for n in args.paths.split(",") if n]
     unknown = set(args.paths) - set(PATHS)
@@ -933,8 +1324,12 @@ def main() -> None:
         notes.append("coturn: skipped (turnserver not installed: run `make bench-setup`)")
         print(notes[-1], flush=True)
     lanes: list[Lane] = []
-    with paths.sink(binaries, driver) as sink_port, contextlib.ExitStack() as stack:
-        args.sink_port = sink_port
+    args.softirq_pids = softirq_threads()
+    with (
+        paths.sink_process(binaries, driver) as (sink_port, sink_pid),
+        contextlib.ExitStack() as stack,
+    ):
+        args.sink_port, args.sink_pid = sink_port, sink_pid
         setups: dict[str, Callable[[], Lane]] = {
             "direct": lambda: plain_lane(
                 "direct", stack.enter_context(paths.direct(sink_port)), args.sockets, args.payload
@@ -957,6 +1352,14 @@ def main() -> None:
                 args.sockets,
                 args.payload,
             ),
+            paths.KERNEL: lambda: kernel_lane(
+                stack.enter_context(
+                    paths.relay(sink_port, under_test, driver, args.sockets, kernel=True)
+                ),
+                args.sockets,
+                args.payload,
+                (driver, under_test),
+            ),
         }
         for name in args.paths:
             if name == "coturn" and turnserver is None:
@@ -971,8 +1374,7 @@ def main() -> None:
         )
         ramp(lanes, args, (driver, under_test))
     by_name = {lane.name: lane for lane in lanes}
-    forwarders = {n: lane for n, lane in by_name.items() if n != "direct"}
-    rows = comparison(forwarders, args.cpu_loss_limit)
+    rows = comparison(by_name, args.cpu_loss_limit)
     info["loadavg_at_end"] = os.getloadavg()[0]
     figures = {
         "parameters": {**vars(args)},
@@ -983,10 +1385,17 @@ def main() -> None:
         "stopped": {lane.name: lane.stopped for lane in lanes},
         "steps": {lane.name: lane.steps for lane in lanes},
         "contended_runs_repeated": {lane.name: lane.contended for lane in lanes},
-        "worst": {key: worst_ratio(rows, key) for key in ("relay_over_coturn", "relay_over_c")},
-        "budgets": {"relay_over_coturn": 0.9, "relay_over_c": 1.15},
+        "worst": {
+            **{
+                key + suffix: worst_ratio(rows, key + suffix)
+                for key, _, _ in RATIOS
+                for suffix in ("", *EXTRA)
+            },
+            "relay_kernel_over_c_source": worst_ratio(rows, "relay_kernel_over_c_source"),
+        },
+        "budgets": BUDGETS,
     }
-    summary = budget_lines(rows) + notes
+    summary = budget_lines(rows) + kernel_lines(lanes) + notes
     summary.append(
         f"load average at start {info['loadavg_at_start']:.2f}, at end "
         f"{info['loadavg_at_end']:.2f} (2 cores: others' load moves the figures)"
@@ -994,6 +1403,9 @@ def main() -> None:
     tables = [
         steps_table(lanes),
         comparison_table(rows, list(by_name), args),
+        machine_table(rows, list(by_name), "_machine"),
+        machine_table(rows, list(by_name), "_ours"),
+        *([source_table(rows)] if paths.KERNEL in by_name else []),
         max_table(lanes, args.loss_limit),
         "\n".join(summary),
     ]

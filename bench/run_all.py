@@ -91,6 +91,20 @@ HEADLINES: tuple[Headline, ...] = (
         "",
     ),
     (
+        "peer_coturn",
+        "relay-kernel / C extra machine CPU per packet, worst rate",
+        lambda d: _get(d, "worst", "relay_kernel_over_c_machine"),
+        "x",
+        "<= 0.3x",
+    ),
+    (
+        "relay_latency",
+        "kernel path added latency <= the C forwarder's (p50, p99, p99.9)",
+        lambda d: _get(d, "kernel_budget_met"),
+        "",
+        "True",
+    ),
+    (
         "peer_janus",
         "transceiver / Janus EchoTest calls a core (by CPU)",
         lambda d: _get(d, "summary", "transceiver_vs", "janus", "calls_a_core_by_cpu"),

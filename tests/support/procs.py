@@ -41,7 +41,8 @@ def wait_for(
         time.sleep(interval)
 
 
-def _free(kind: int, port: int) -> bool:
+def port_free(kind: int, port: int) -> bool:
+    """Can a socket of `kind` bind 127.0.0.1:`port` now?"""
     with socket.socket(socket.AF_INET, kind) as s:
         try:
             s.bind(("127.0.0.1", port))
@@ -54,7 +55,10 @@ def free_ports(count: int = 1, kind: int = socket.SOCK_DGRAM) -> int:
     """A base port such that `count` consecutive ports are free (UDP and TCP)."""
     for _ in range(500):
         base = random.randrange(20000, 60000 - count)
-        if all(_free(kind, base + i) and _free(socket.SOCK_STREAM, base + i) for i in range(count)):
+        if all(
+            port_free(kind, base + i) and port_free(socket.SOCK_STREAM, base + i)
+            for i in range(count)
+        ):
             return base
     raise RuntimeError("no free ports")
 

@@ -508,10 +508,13 @@ def test_port_taken_by_a_stranger_is_refused(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_relayctl_stats_and_status_print_what_a_person_reads(relay):
+def test_relayctl_stats_and_status_print_what_a_person_reads(relay, mode):
     human = relay.ctl("stats").stdout
     assert "pkts in" in human and "total" in human and "snapshot: file" in human
+    assert ("kernel fast path: " in human) == (mode == "kernel")
     parsed = json.loads(relay.ctl("stats", "--json").stdout)
     assert len(parsed["workers"]) == 2 and "drop_unknown_flow" in parsed["totals"]
+    assert ("kernel" in parsed) == (mode == "kernel")
     status = relay.ctl("status").stdout
     assert status.count("alive") == 2
+    assert ("kernel fast path on (lo)" in status) == (mode == "kernel")

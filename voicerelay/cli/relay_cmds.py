@@ -329,6 +329,8 @@ def status(listen: str, state_dir: Path | None, as_json: bool) -> None:
         click.echo(json.dumps(reply, indent=2))
         return
     click.echo(f"relay {reply['listen']} up {reply['uptime']:.0f} s, launcher pid {reply['pid']}")
+    if reply.get("fast_path", "off") != "off":
+        click.echo(f"  kernel fast path {reply['fast_path']}")
     for w in reply["workers"]:
         click.echo(
             f"  worker {w['index']}: pid {w['pid']} {'alive' if w['alive'] else 'DOWN'}, "

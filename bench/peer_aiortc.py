@@ -625,12 +625,15 @@ async def run(
         return results
 
 
-def main() -> None:
-    args = parse_args()
+def measure_peers(
+    args: argparse.Namespace, peers_at: Callable[[], Any]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Run the load against the peers `peers_at()` yields ((by name, cores) in a context):
+    (results, the JSON figures every peer benchmark writes, machine info)."""
     info = harness.machine()
     started = time.monotonic()
     frame = opus_frame()
-    with peers(args.peers) as (by_name, cores):
+    with peers_at() as (by_name, cores):
         print(
             f"servers on core {cores[1]}; load client on core {cores[0]}; Opus frame "
             f"{len(frame)} B, 50 packets/s each way a call",
@@ -638,13 +641,11 @@ def main() -> None:
         )
         results = uvloop.run(run(by_name, cores, args, frame))
     info["loadavg_at_end"] = os.getloadavg()[0]
-    headline = summary(results)
     figures = {
         "quick": args.quick,
         "window_s": args.window,
         "opus_frame_bytes": len(frame),
         "packets_per_s_each_way_per_call": 50,
-        "summary": headline,
         "peers": {
             name: {
                 "setup": asdict(r["setup"]),
@@ -658,12 +659,25 @@ def main() -> None:
         "warnings": warnings(results),
         "seconds": time.monotonic() - started,
     }
+    return results, figures, info
+
+
+def load_line(info: dict[str, Any]) -> str:
+    return (
+        f"load average at start {info['loadavg_at_start']:.2f}, at end "
+        f"{info['loadavg_at_end']:.2f} (2 cores: others' load moves the figures)"
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    results, figures, info = measure_peers(args, lambda: peers(args.peers))
+    headline = figures["summary"] = summary(results)
     tables = [
         setup_table({n: r["setup"] for n, r in results.items()}),
         *(step_table(n, r["steps"]) for n, r in results.items()),
         summary_table(headline),
-        f"load average at start {info['loadavg_at_start']:.2f}, at end "
-        f"{info['loadavg_at_end']:.2f} (2 cores: others' load moves the figures)",
+        load_line(info),
     ]
     harness.report("peer_aiortc", tables, figures, info)
     for line in figures["warnings"]:

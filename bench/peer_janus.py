@@ -47,32 +47,28 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import harness
 import psutil
-import uvloop
 from loadclient import Counts
 from peer_aiortc import (
     Peer,
     PeerLoadClient,
-    opus_frame,
+    load_line,
+    measure_peers,
     peers,
-    run,
     step_table,
-    warnings,
 )
 
+from tests.support.netns import IP, remove_namespace, run_ip
 from tests.support.procs import wait_for
 from voicerelay.transceiver.client import ClientCall
 
@@ -84,7 +80,6 @@ STEPS = {
 }
 QUICK_STEPS = {"transceiver": (50, 100), "janus": (50, 100), "aiortc": (5, 10)}
 BUDGETS = {"janus": 3.0, "aiortc": 10.0}  # transceiver calls a core >= this x theirs
-IP = shutil.which("ip") or "/usr/sbin/ip"
 PREFIX = "vrbench"  # namespaces and veth ends this benchmark makes carry it, and its pid
 NET = ipaddress.IPv4Network("10.77.0.0/24")  # test-only, inside our namespaces only
 JANUS_ADDR, CALLS_ADDR = str(NET.network_address + 1), str(NET.network_address + 2)
@@ -94,13 +89,6 @@ JANUS_LOG = harness.RESULTS / "peer_janus.janus.log"
 
 
 # Network namespaces ---------------------------------------------------------------------------
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([IP, *args], capture_output=True, text=True, timeout=10)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
-    return result
-
-
 class JanusNet:
     """Two network namespaces joined by a veth pair: Janus's (10.77.0.1) and the calls'
     (10.77.0.2), each with loopback up. Both ends of the veth live inside them: nothing is
@@ -116,9 +104,9 @@ class JanusNet:
     def create(self) -> JanusNet:
         remove_leftovers()
         self.created = True
-        _ip("netns", "add", self.janus_ns)
-        _ip("netns", "add", self.calls_ns)
-        _ip(
+        run_ip("netns", "add", self.janus_ns)
+        run_ip("netns", "add", self.calls_ns)
+        run_ip(
             "link",
             "add",
             self.janus_if,
@@ -136,9 +124,9 @@ class JanusNet:
             (self.janus_ns, self.janus_if, JANUS_ADDR),
             (self.calls_ns, self.calls_if, CALLS_ADDR),
         ):
-            _ip("-n", ns, "addr", "add", f"{addr}/{NET.prefixlen}", "dev", ifname)
-            _ip("-n", ns, "link", "set", ifname, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
+            run_ip("-n", ns, "addr", "add", f"{addr}/{NET.prefixlen}", "dev", ifname)
+            run_ip("-n", ns, "link", "set", ifname, "up")
+            run_ip("-n", ns, "link", "set", "lo", "up")
         return self
 
     def janus_command(self, argv: list[str]) -> list[str]:
@@ -164,24 +152,10 @@ class JanusNet:
         self.destroy()
 
 
-def remove_namespace(name: str) -> None:
-    """Kill what runs in namespace `name`, then delete it."""
-    for pid in _ip("netns", "pids", name, check=False).stdout.split():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGKILL)
-    wait_for(
-        lambda: not _ip("netns", "pids", name, check=False).stdout.split(),
-        10,
-        0.02,
-        f"the processes in namespace {name} to end",
-    )
-    _ip("netns", "del", name, check=False)
-
-
 def remove_leftovers() -> None:
     """Remove namespaces of this benchmark whose owner process is gone (a killed run)."""
     pattern = re.compile(rf"{PREFIX}-(?:janus|calls)-(\d+)$")
-    for line in _ip("netns", "list", check=False).stdout.splitlines():
+    for line in run_ip("netns", "list", check=False).stdout.splitlines():
         match = pattern.match(line.split()[0]) if line.strip() else None
         if match and not psutil.pid_exists(int(match.group(1))):
             remove_namespace(match.group(0))
@@ -668,45 +642,15 @@ def all_peers(args: argparse.Namespace) -> Iterator[tuple[dict[str, Peer], tuple
 
 
 def bench(args: argparse.Namespace, janus: str | None) -> None:
-    info = harness.machine()
-    started = time.monotonic()
-    frame = opus_frame()
-    with all_peers(args) as (by_name, cores):
-        print(
-            f"servers on core {cores[1]}; load client on core {cores[0]}; Opus frame "
-            f"{len(frame)} B, 50 packets/s each way a call",
-            flush=True,
-        )
-        results = uvloop.run(run(by_name, cores, args, frame))
-    info["loadavg_at_end"] = os.getloadavg()[0]
-    headline = summary(results)
-    figures = {
-        "quick": args.quick,
-        "window_s": args.window,
-        "opus_frame_bytes": len(frame),
-        "packets_per_s_each_way_per_call": 50,
-        "janus": {"version": janus, "event_loops": args.janus_event_loops} if janus else None,
-        "summary": headline,
-        "peers": {
-            name: {
-                "setup": asdict(r["setup"]),
-                "steps": [asdict(s) for s in r["steps"]],
-                "contended_steps_measured_again": [asdict(s) for s in r["contended"]],
-                "stopped": r["stopped"],
-                "capacity": r["capacity"],
-            }
-            for name, r in results.items()
-        },
-        "warnings": warnings(results),
-        "seconds": time.monotonic() - started,
-    }
+    results, figures, info = measure_peers(args, functools.partial(all_peers, args))
+    headline = figures["summary"] = summary(results)
+    figures["janus"] = {"version": janus, "event_loops": args.janus_event_loops} if janus else None
     tables = [
         setup_table(results),
         *(step_table(n, r["steps"]) for n, r in results.items()),
         summary_table(headline, list(results)),
         ratio_table(headline),
-        f"load average at start {info['loadavg_at_start']:.2f}, at end "
-        f"{info['loadavg_at_end']:.2f} (2 cores: others' load moves the figures)",
+        load_line(info),
     ]
     harness.report("peer_janus", tables, figures, info)
     for line in figures["warnings"]:

@@ -24,7 +24,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,8 @@ def unavailable() -> str | None:
     return None
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def run_ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`ip ARGS`, output captured; RuntimeError with its message when it fails (`check`)."""
     result = subprocess.run([IP, *args], capture_output=True, text=True, timeout=10)
     if check and result.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
@@ -118,7 +119,7 @@ class ClientHost:
 
     def pids(self) -> list[int]:
         """Processes running inside the namespace."""
-        out = _ip("netns", "pids", self.name, check=False).stdout
+        out = run_ip("netns", "pids", self.name, check=False).stdout
         return [int(p) for p in out.split()]
 
     # -- life cycle ----------------------------------------------------------------------
@@ -127,21 +128,21 @@ class ClientHost:
         """Make the namespace, the veth pair, the addresses and the default routes."""
         self._remove_leftovers()
         self.created = True
-        _ip("netns", "add", self.name)
+        run_ip("netns", "add", self.name)
         peer = ("peer", "name", self.client_if, "netns", self.name)
-        _ip("link", "add", self.host_if, "type", "veth", *peer)
+        run_ip("link", "add", self.host_if, "type", "veth", *peer)
         ns = ("-n", self.name)
         for family, prefix in ((socket.AF_INET, 24), (socket.AF_INET6, 64)):
             extra = ("nodad",) if family == socket.AF_INET6 else ()
             server, client = self.server_address(family), self.client_address(family)
-            _ip("addr", "add", f"{server}/{prefix}", "dev", self.host_if, *extra)
-            _ip(*ns, "addr", "add", f"{client}/{prefix}", "dev", self.client_if, *extra)
-        _ip("link", "set", self.host_if, "up")
-        _ip(*ns, "link", "set", "lo", "up")
-        _ip(*ns, "link", "set", self.client_if, "up")
-        _ip(*ns, "route", "add", "default", "via", self._gateway(socket.AF_INET))
+            run_ip("addr", "add", f"{server}/{prefix}", "dev", self.host_if, *extra)
+            run_ip(*ns, "addr", "add", f"{client}/{prefix}", "dev", self.client_if, *extra)
+        run_ip("link", "set", self.host_if, "up")
+        run_ip(*ns, "link", "set", "lo", "up")
+        run_ip(*ns, "link", "set", self.client_if, "up")
+        run_ip(*ns, "route", "add", "default", "via", self._gateway(socket.AF_INET))
         gateway6 = self._gateway(socket.AF_INET6)
-        _ip(*ns, "-6", "route", "add", "default", "via", gateway6, "dev", self.client_if)
+        run_ip(*ns, "-6", "route", "add", "default", "via", gateway6, "dev", self.client_if)
         return self
 
     def destroy(self) -> None:
@@ -164,14 +165,14 @@ class ClientHost:
             time.sleep(0.1)
         for name, _ in self._namespaces_of_prefix():
             _remove(name, self.host_if)
-        if _ip("link", "show", self.host_if, check=False).returncode == 0:
-            _ip("link", "del", self.host_if)
+        if run_ip("link", "show", self.host_if, check=False).returncode == 0:
+            run_ip("link", "del", self.host_if)
 
     def _namespaces_of_prefix(self) -> list[tuple[str, int]]:
         """(name, owner pid) of every namespace made for this prefix."""
         pattern = re.compile(rf"vrt-{re.escape(self._tag)}-(\d+)$")
         found = []
-        for line in _ip("netns", "list").stdout.splitlines():
+        for line in run_ip("netns", "list").stdout.splitlines():
             match = pattern.match(line.split()[0]) if line.strip() else None
             if match:
                 found.append((match.group(0), int(match.group(1))))
@@ -196,15 +197,22 @@ class ClientHost:
 
 
 def _remove(name: str, host_if: str) -> None:
-    """Kill the processes in namespace `name`, delete `host_if` (both ends go) and `name`."""
-    for pid in _ip("netns", "pids", name, check=False).stdout.split():
+    """Delete `host_if` (both ends go) and namespace `name` with what runs inside."""
+    remove_namespace(name, before_delete=lambda: run_ip("link", "del", host_if, check=False))
+
+
+def remove_namespace(name: str, before_delete: Callable[[], object] | None = None) -> None:
+    """Kill the processes in namespace `name` (waiting until they are gone), then delete it
+    (calling `before_delete` first, if given)."""
+    for pid in run_ip("netns", "pids", name, check=False).stdout.split():
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(pid), signal.SIGKILL)
     wait_for(
-        lambda: not _ip("netns", "pids", name, check=False).stdout.split(),
+        lambda: not run_ip("netns", "pids", name, check=False).stdout.split(),
         10,
         0.02,
         f"the processes in namespace {name} to end",
     )
-    _ip("link", "del", host_if, check=False)
-    _ip("netns", "del", name, check=False)
+    if before_delete is not None:
+        before_delete()
+    run_ip("netns", "del", name, check=False)

@@ -67,7 +67,13 @@ from voicerelay.voice.app import AgentCall, VoiceAgent, run_agent
 from voicerelay.voice.bridge import BridgeConfig, RealtimeBridge
 from voicerelay.voice.pipeline import AudioConfig, CallAudio
 from voicerelay.wire import envelope, stun
-from voicerelay.wire.addr import SOCKADDR_IN6_SIZE, SOCKADDR_IN_SIZE, Addr
+from voicerelay.wire.addr import (
+    SOCKADDR_IN6_SIZE,
+    SOCKADDR_IN_SIZE,
+    Addr,
+    addr_from_sockaddr,
+    sockaddr,
+)
 from voicerelay.wire.demux import IS_RTP, IS_STUN
 from voicerelay.wire.token import TokenKeys
 
@@ -183,38 +189,27 @@ def random_ice_password() -> str:
 
 
 # The socket -----------------------------------------------------------------------------------
-_FAMILY = struct.Struct("=H")  # sa_family_t, host byte order
-_IN = struct.Struct("!H4s")  # sockaddr_in after the family: port, address
-_IN6 = struct.Struct("!HI16s")  # sockaddr_in6 after the family: port, flow info, address
-_SCOPE = struct.Struct("=I")  # sockaddr_in6's scope id, host byte order, at offset 24
-_V4_MAPPED = bytes(10) + b"\xff\xff"
+_FLOWINFO = struct.Struct("!I")  # sockaddr_in6 at offset 4, network byte order
+_SCOPE = struct.Struct("=I")  # sockaddr_in6 at offset 24, host byte order
 
 
 def peer_address(raw: bytes) -> tuple:
     """The address of `struct sockaddr_in`/`sockaddr_in6` bytes as the event loop reports a
     peer: (host, port), or (host, port, flowinfo, scope_id) for IPv6."""
-    (family,) = _FAMILY.unpack_from(raw)
-    if family == socket.AF_INET:
-        port, ip = _IN.unpack_from(raw, 2)
-        return (socket.inet_ntop(socket.AF_INET, ip), port)
-    port, flowinfo, ip = _IN6.unpack_from(raw, 2)
-    return (socket.inet_ntop(socket.AF_INET6, ip), port, flowinfo, _SCOPE.unpack_from(raw, 24)[0])
+    host, port = addr_from_sockaddr(raw)
+    if len(raw) < SOCKADDR_IN6_SIZE:
+        return (host, port)
+    return (host, port, _FLOWINFO.unpack_from(raw, 4)[0], _SCOPE.unpack_from(raw, 24)[0])
 
 
 def peer_sockaddr(addr: tuple, family: int) -> bytes:
     """`struct sockaddr` bytes for an address as `peer_address` gives it, on a socket of
-    `family` (an IPv4 host on an IPv6 socket is mapped). Raises OSError or struct.error for
-    what is no address of that family."""
-    host, port = addr[0], addr[1]
-    if family == socket.AF_INET:
-        ip = socket.inet_pton(socket.AF_INET, host)
-        return _FAMILY.pack(socket.AF_INET) + _IN.pack(port, ip) + bytes(8)
-    flowinfo, scope_id = (addr[2], addr[3]) if len(addr) == 4 else (0, 0)
-    try:
-        ip = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
-    except OSError:
-        ip = _V4_MAPPED + socket.inet_pton(socket.AF_INET, host)
-    return _FAMILY.pack(socket.AF_INET6) + _IN6.pack(port, flowinfo, ip) + _SCOPE.pack(scope_id)
+    `family` (an IPv4 host on an IPv6 socket is mapped). Raises ValueError or struct.error
+    for what is no address of that family."""
+    raw = sockaddr((addr[0], addr[1]), family)
+    if family == socket.AF_INET6 and len(addr) == 4:
+        raw = raw[:4] + _FLOWINFO.pack(addr[2]) + raw[8:24] + _SCOPE.pack(addr[3])
+    return raw
 
 
 class BatchedEndpoint:
@@ -344,7 +339,7 @@ class BatchedEndpoint:
             return True
         try:
             name = peer_sockaddr(relay, self.family)
-        except (OSError, struct.error, TypeError, IndexError):
+        except (ValueError, OSError, struct.error, TypeError, IndexError):
             self.counters["send_failed"] += 1
             return False
         if len(self._names) >= ADDRESS_CACHE_LIMIT:

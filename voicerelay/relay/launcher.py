@@ -30,7 +30,7 @@ from voicerelay.relay import control, snapshot
 from voicerelay.relay.config import RelayConfig
 from voicerelay.relay.fastpath import FastPathUnavailable
 from voicerelay.relay.fastpath.kernel import RENEW, FastPathSettings, FlowMap, KernelFastPath
-from voicerelay.relay.fastpath.layout import client_of_key
+from voicerelay.relay.fastpath.layout import address, client_of_key
 from voicerelay.relay.preflight import PidFile, preflight
 from voicerelay.relay.router import COUNTER_FIELDS
 from voicerelay.relay.supervisor import Supervisor
@@ -246,7 +246,7 @@ class Launcher:
                 flows.append(
                     {
                         "client": format_addr(client_of_key(key)),
-                        "transceiver": format_addr(client_of_key(reading.transceiver + bytes(2))),
+                        "transceiver": format_addr(address(reading.transceiver)),
                         "internal_port": reading.internal_port,
                         "packets_in": reading.packets_in,
                         "packets_out": reading.packets_out,

@@ -155,13 +155,8 @@ EVENTS = (
 HOP_COUNTERS = ("hops_out", "hops_in", "hops_back")
 # Kernel fast path: datagrams (and their bytes) the kernel forwarded for this worker's flows
 # (already included in packets_in/out and bytes_in/out), and flows it holds now.
-KERNEL_COUNTERS = (
-    "kernel_packets_in",
-    "kernel_bytes_in",
-    "kernel_packets_out",
-    "kernel_bytes_out",
-    "kernel_flows",
-)
+KERNEL_TRAFFIC = ("kernel_packets_in", "kernel_bytes_in", "kernel_packets_out", "kernel_bytes_out")
+KERNEL_COUNTERS = (*KERNEL_TRAFFIC, "kernel_flows")
 COUNTER_FIELDS: tuple[str, ...] = (
     "packets_in",
     "bytes_in",
@@ -322,7 +317,7 @@ class RelayRouter:
         self.offload = offload and public_family == internal_family == socket.AF_INET
         self.offloaded: dict[bytes, LocalFlow] = {}  # kernel key -> flow the kernel forwards
         self.kernel_ops: dict[bytes, LocalFlow | None] = {}  # key -> put (flow) or delete
-        self.kernel = dict.fromkeys(KERNEL_COUNTERS, 0)
+        self.kernel = dict.fromkeys(KERNEL_TRAFFIC, 0)
         self.events = dict.fromkeys(EVENTS, 0)
         self.drops = dict.fromkeys(DROP_REASONS, 0)
         self.junk = [0] * 256  # unknown-address drops on the fast path, by first byte

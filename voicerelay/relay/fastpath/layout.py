@@ -41,10 +41,14 @@ def flow_key(client: bytes) -> bytes:
     return FLOW_KEY.pack(client[4:8], client[2:4])
 
 
+def address(ip_port: bytes) -> tuple[str, int]:
+    """The address of 4 IP bytes followed by 2 port bytes (network order)."""
+    return socket.inet_ntop(socket.AF_INET, ip_port[:4]), _PORT.unpack_from(ip_port, 4)[0]
+
+
 def client_of_key(key: bytes) -> tuple[str, int]:
     """The client address a map key names."""
-    ip, port = FLOW_KEY.unpack(key)
-    return socket.inet_ntop(socket.AF_INET, ip), _PORT.unpack(port)[0]
+    return address(key[:6])
 
 
 def flow_value(transceiver: bytes, internal: bytes, public_ip: bytes = bytes(4)) -> bytes:

@@ -236,8 +236,7 @@ static __always_inline int send(struct __sk_buff *skb, int how, struct bpf_fib_l
 }
 
 /* Client -> transceiver. `h` holds the packet's IP and UDP headers. */
-static __always_inline int to_transceiver(struct __sk_buff *skb, struct headers *h,
-					  const struct config *cfg)
+static __always_inline int to_transceiver(struct __sk_buff *skb, struct headers *h)
 {
 	__u32 len = bpf_ntohs(h->udp.len);
 	if (len <= sizeof(struct udphdr) || len - sizeof(struct udphdr) > MAX_DATAGRAM)
@@ -431,7 +430,7 @@ int voicerelay_fastpath(struct __sk_buff *skb)
 	if (h.ip.ihl != 5 || (h.ip.frag_off & bpf_htons(0x3fff)) || skb->gso_size ||
 	    bpf_ntohs(h.ip.tot_len) != bpf_ntohs(h.udp.len) + sizeof(struct iphdr))
 		return pass(STAT_PASS_MALFORMED);
-	return inbound ? to_transceiver(skb, &h, cfg) : to_client(skb, &h, cfg);
+	return inbound ? to_transceiver(skb, &h) : to_client(skb, &h, cfg);
 }
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";

@@ -130,6 +130,18 @@ def workers_option(what: str) -> Decorator:
     )
 
 
+def kernel_fast_path_option() -> Decorator:
+    """`--kernel-fast-path` (VOICERELAY_KERNEL_FAST_PATH): the relay's eBPF forwarding."""
+    return click.option(
+        "--kernel-fast-path",
+        is_flag=True,
+        envvar="VOICERELAY_KERNEL_FAST_PATH",
+        help="Forward established IPv4 flows in the kernel (a tc eBPF program; needs root, "
+        "clang and libbpf-dev); STUN, new flows and expiry stay with the workers. When it "
+        "cannot run, the relay says why in one line and forwards in userspace.",
+    )
+
+
 def consent_timeout_option(*, from_env: bool) -> Decorator:
     """`--consent-timeout`: how long a call lives without a consent check; `from_env`: also
     read VOICERELAY_CONSENT_TIMEOUT."""

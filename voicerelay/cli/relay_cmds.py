@@ -14,6 +14,7 @@ import click
 from voicerelay.addresses import format_addr, is_wildcard
 from voicerelay.cli.options import (
     cluster_id_option,
+    kernel_fast_path_option,
     options,
     parse_hostport,
     secret_file_option,
@@ -184,14 +185,7 @@ start_options = options(
         help="CIDR networks of the upstream (edge) relays whose hop envelopes this relay takes "
         "[default: none: an envelope names its client, so only trusted relays may send one].",
     ),
-    click.option(
-        "--kernel-fast-path",
-        is_flag=True,
-        envvar="VOICERELAY_KERNEL_FAST_PATH",
-        help="Forward established IPv4 flows in the kernel (a tc eBPF program; needs root, "
-        "clang and libbpf-dev); STUN, new flows and expiry stay with the workers. When it "
-        "cannot run, the relay says why in one line and forwards in userspace.",
-    ),
+    kernel_fast_path_option(),
     click.option(
         "--no-pin",
         is_flag=True,

@@ -22,6 +22,7 @@ from voicerelay.addresses import (
 )
 from voicerelay.cli.options import (
     consent_timeout_option,
+    kernel_fast_path_option,
     parse_hostport,
     signaling_auth_options,
     state_dir_option,
@@ -205,13 +206,7 @@ def _stop_child(child: subprocess.Popen | None) -> None:
     help="Also serve ICE over TCP on this port of the relay's address, for clients whose "
     "network blocks UDP (443 in production); answers list it after the UDP candidates. 0: off.",
 )
-@click.option(
-    "--kernel-fast-path",
-    is_flag=True,
-    envvar="VOICERELAY_KERNEL_FAST_PATH",
-    help="The relay forwards established IPv4 calls in the kernel (a tc eBPF program; needs "
-    "root, clang and libbpf-dev, else one line says why and it forwards in userspace).",
-)
+@kernel_fast_path_option()
 @workers_option("Relay workers")
 @state_dir_option("Secret and snapshot")
 @consent_timeout_option(from_env=False)
